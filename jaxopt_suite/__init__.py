@@ -1,0 +1,65 @@
+"""jaxopt_suite: research optimisation methods as optax transformations.
+
+* AliG: :func:`scale_by_alig`, :func:`alig` (step size from the loss value).
+* Proximal steps and auto-sizing: :mod:`jaxopt_suite.prox` (operators), :func:`proximal`,
+  :func:`group_sparsity`, :mod:`jaxopt_suite.autosize` (``live_units``, ``shrink``).
+* BackPACK quantities: :mod:`jaxopt_suite.curvature` (``value_and_grad`` with per-sample and
+  curvature extras) and the preconditioners fed by them.
+* Forward gradient: :func:`forward_grad`, :func:`value_and_forward_grad`,
+  :func:`forward_gradient`.
+* ProxProp: :mod:`jaxopt_suite.proxprop` (``custom_vjp`` ops, linen and nnx layers).
+
+Names are imported on first use, so ``import jaxopt_suite`` stays fast and pulls in only
+jax, optax and flax as they are needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (submodules map to themselves).
+_EXPORTS: dict[str, str] = {
+    # infrastructure
+    "data": "jaxopt_suite.data",
+    "zoo": "jaxopt_suite.zoo",
+    "train": "jaxopt_suite.train",
+    "methods": "jaxopt_suite.methods",
+    "benchmarking": "jaxopt_suite.benchmarking",
+    # AliG
+    "alig": "jaxopt_suite.alig",
+    "scale_by_alig": "jaxopt_suite.alig",
+    "ScaleByAligState": "jaxopt_suite.alig",
+    # proximal operators, transformations, auto-sizing
+    "prox": "jaxopt_suite.prox",
+    "proximal": "jaxopt_suite.proximal",
+    "group_sparsity": "jaxopt_suite.proximal",
+    "autosize": "jaxopt_suite.autosize",
+    # curvature (BackPACK)
+    "curvature": "jaxopt_suite.curvature",
+    "precondition": "jaxopt_suite.precondition",
+    # forward gradient
+    "forward_grad": "jaxopt_suite.fwdgrad",
+    "value_and_forward_grad": "jaxopt_suite.fwdgrad",
+    "forward_gradient": "jaxopt_suite.fwdgrad",
+    # ProxProp
+    "proxprop": "jaxopt_suite.proxprop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'jaxopt_suite' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if module_name.rsplit(".", 1)[-1] == name else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

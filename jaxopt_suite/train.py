@@ -1,0 +1,229 @@
+"""The training loop shared by ``compare``, the benchmarks and the notebooks.
+
+A step is one jitted function ``step(state, images, labels) -> (state, loss)`` built from
+
+* a :class:`Problem` (the model's ``apply_fn`` and the loss),
+* an optax transformation ``tx``, and
+* a *gradient function*: how the direction handed to ``tx`` and the extra keyword arguments of
+  ``tx.update`` are computed. :func:`backprop` (``jax.value_and_grad``, passing ``value=``) is
+  the default; methods that need more (a PRNG key, curvature, a ``value_fn``) supply their own.
+
+The step never syncs with the host; a non-finite loss or update leaves the parameters and the
+optimizer state untouched and increments ``TrainState.skipped``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxopt_suite import data as data_lib
+
+PyTree = Any
+
+
+def small_budget() -> bool:
+    """True when ``JAXOPT_SUITE_SMALL`` is set: notebooks and examples shrink their runs
+    (the test suite executes every notebook this way)."""
+    return os.environ.get("JAXOPT_SUITE_SMALL", "") not in ("", "0")
+Batch = tuple[jax.Array, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy with integer labels (PyTorch's ``CrossEntropyLoss``)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+class Problem(NamedTuple):
+    """A supervised problem: ``apply_fn(params, inputs) -> logits`` and a loss name.
+
+    ``loss`` names the loss for methods that need its structure (the curvature engine); the
+    loss value itself is always the mean cross-entropy over the batch.
+    """
+
+    apply_fn: Callable[[PyTree, jax.Array], jax.Array]
+    loss: str = "cross_entropy"
+
+    def loss_fn(self, params: PyTree, inputs: jax.Array, labels: jax.Array) -> jax.Array:
+        return cross_entropy(self.apply_fn(params, inputs), labels)
+
+
+GradientFn = Callable[[Problem, PyTree, Batch, jax.Array], tuple[jax.Array, PyTree, dict]]
+
+
+def backprop(problem: Problem, params: PyTree, batch: Batch, key: jax.Array):
+    """The plain gradient by reverse mode; passes the loss as ``value=`` to the transformation."""
+    del key
+    value, grads = jax.value_and_grad(problem.loss_fn)(params, *batch)
+    return value, grads, {"value": value}
+
+
+class TrainState(NamedTuple):
+    """Everything a step carries: parameters, optimizer state, PRNG key, counters."""
+
+    params: PyTree
+    opt_state: optax.OptState
+    key: jax.Array
+    step: jax.Array
+    skipped: jax.Array  # steps whose loss or update was not finite
+
+
+def init_state(params: PyTree, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    return TrainState(
+        params=params,
+        opt_state=tx.init(params),
+        key=key,
+        step=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_step(
+    problem: Problem,
+    tx: optax.GradientTransformation,
+    gradient: GradientFn = backprop,
+    preprocess: Callable[[jax.Array], jax.Array] = data_lib.normalize,
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, jax.Array]]:
+    """Builds the (un-jitted) training step; wrap it in ``jax.jit`` (see :func:`jit_step`).
+
+    Args:
+      problem: model and loss.
+      tx: any optax transformation; plain ones are given extra-argument support, so the extra
+        keyword arguments from ``gradient`` are ignored by transforms that don't use them.
+      gradient: computes ``(loss value, direction, extra kwargs for tx.update)``.
+      preprocess: maps the raw batch inputs (uint8 images) to model inputs, inside the step.
+
+    Returns:
+      ``step(state, images, labels) -> (new_state, loss)``.
+    """
+    tx = optax.with_extra_args_support(tx)
+
+    def step(state: TrainState, images: jax.Array, labels: jax.Array):
+        key, subkey = jax.random.split(state.key)
+        batch = (preprocess(images), labels)
+        value, direction, extra = gradient(problem, state.params, batch, subkey)
+        updates, opt_state = tx.update(direction, state.opt_state, state.params, **extra)
+        ok = jnp.isfinite(value) & _all_finite(updates)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = TrainState(
+            params=keep(new_params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            key=key,
+            step=state.step + 1,
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+        )
+        return new_state, value
+
+    return step
+
+
+def jit_step(step: Callable) -> Callable:
+    """``jax.jit`` with the state donated, so parameters are updated in place."""
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_evaluate(problem: Problem, preprocess=data_lib.normalize, chunk: int = 1000):
+    """Returns ``evaluate(params, images, labels) -> (accuracy, mean loss)`` over a whole set."""
+
+    @jax.jit
+    def sums(params, images, labels):
+        logits = problem.apply_fn(params, preprocess(images))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+        correct = (logits.argmax(-1) == labels).sum()
+        return correct, loss
+
+    def evaluate(params, images: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+        correct, loss = 0, 0.0
+        for start in range(0, len(images), chunk):
+            c, ell = sums(params, images[start : start + chunk], labels[start : start + chunk])
+            correct, loss = correct + c, loss + ell
+        n = len(images)
+        return float(correct) / n, float(loss) / n
+
+    return evaluate
+
+
+class History(NamedTuple):
+    """What :func:`fit` recorded, as host arrays."""
+
+    loss: np.ndarray  # (steps,) training mini-batch loss
+    wall: np.ndarray  # (steps,) seconds since the first step started (compilation excluded)
+    step_time: np.ndarray  # (steps,) seconds per step
+    eval_step: np.ndarray  # (E,) steps at which the test set was evaluated
+    eval_wall: np.ndarray  # (E,) wall-clock seconds of those evaluations
+    test_accuracy: np.ndarray  # (E,)
+    test_loss: np.ndarray  # (E,)
+    skipped: int  # steps skipped for a non-finite loss or update
+
+
+def epochs(key: jax.Array, images, labels, batch_size: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """Endless shuffled mini-batches, a fresh permutation each epoch (last partial batch dropped)."""
+    while True:
+        key, subkey = jax.random.split(key)
+        yield from data_lib.batches(subkey, images, labels, batch_size=batch_size)
+
+
+def fit(
+    step: Callable,
+    state: TrainState,
+    dataset: data_lib.Dataset,
+    *,
+    steps: int,
+    batch_size: int,
+    key: jax.Array,
+    evaluate: Callable | None = None,
+    num_evals: int = 5,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[TrainState, History]:
+    """Runs ``steps`` jitted steps, timing each one, and evaluates ``num_evals`` times.
+
+    ``step`` must be jitted (:func:`jit_step`); it is compiled before the clock starts. Each step
+    is synchronised so its time is exact; evaluation time is excluded from the wall clock.
+    """
+    batches = epochs(key, dataset.train_images, dataset.train_labels, batch_size)
+    images, labels = next(batches)
+    compiled = step.lower(state, images, labels).compile()
+    eval_at = set(np.linspace(0, steps, num_evals + 1).astype(int)[1:]) if evaluate else set()
+    losses, walls, times = [], [], []
+    ev_step, ev_wall, ev_acc, ev_loss = [], [], [], []
+    wall = 0.0
+    for i in range(1, steps + 1):
+        start = time.perf_counter()
+        state, value = compiled(state, images, labels)
+        value.block_until_ready()
+        elapsed = time.perf_counter() - start
+        wall += elapsed
+        losses.append(value)
+        walls.append(wall)
+        times.append(elapsed)
+        if progress is not None:
+            progress(i, value)
+        if i in eval_at:
+            acc, test_loss = evaluate(state.params, dataset.test_images, dataset.test_labels)
+            ev_step.append(i), ev_wall.append(wall), ev_acc.append(acc), ev_loss.append(test_loss)
+        if i < steps:
+            images, labels = next(batches)
+    history = History(
+        loss=np.asarray(jax.device_get(losses), np.float64),
+        wall=np.asarray(walls),
+        step_time=np.asarray(times),
+        eval_step=np.asarray(ev_step, np.int64),
+        eval_wall=np.asarray(ev_wall),
+        test_accuracy=np.asarray(ev_acc),
+        test_loss=np.asarray(ev_loss),
+        skipped=int(state.skipped),
+    )
+    return state, history
