@@ -35,8 +35,13 @@ def compiled_memory(compiled: Any) -> dict[str, int]:
     out = int(analysis.output_size_in_bytes)
     temp = int(analysis.temp_size_in_bytes)
     alias = int(analysis.alias_size_in_bytes)
-    return {"argument": arg, "output": out, "temp": temp, "alias": alias,
-            "total": arg + out + temp - alias}
+    return {
+        "argument": arg,
+        "output": out,
+        "temp": temp,
+        "alias": alias,
+        "total": arg + out + temp - alias,
+    }
 
 
 def device_peak_memory() -> int | None:
@@ -55,8 +60,9 @@ class Timing(NamedTuple):
 
 
 def _block(x: Any) -> Any:
-    return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a,
-                        x)
+    return jax.tree.map(
+        lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x
+    )
 
 
 def time_interleaved(

@@ -72,8 +72,10 @@ def run_method(
     problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
     step = train.jit_step(train.make_step(problem, setup.tx, setup.gradient))
     state = train.init_state(params, setup.tx, step_key)
-    images, labels = dataset.train_images[: config.batch_size], dataset.train_labels[
-        : config.batch_size]
+    images, labels = (
+        dataset.train_images[: config.batch_size],
+        dataset.train_labels[: config.batch_size],
+    )
     memory = benchmarking.compiled_memory(step.lower(state, images, labels).compile())
     evaluate = train.make_evaluate(problem)
     progress = None if quiet else _progress_bar(config.steps, method.name)
@@ -114,8 +116,9 @@ COLUMNS = [
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     """Formats result rows as a fixed-width (or markdown) table, with any extra columns last."""
-    extra = sorted({k for r in rows for k in r} - {c for c, _, _ in COLUMNS}
-                   - {"description", "skipped_steps"})
+    extra = sorted(
+        {k for r in rows for k in r} - {c for c, _, _ in COLUMNS} - {"description", "skipped_steps"}
+    )
     cols = [*COLUMNS, *[(k, k, "{}") for k in extra]]
 
     def cell(row, key, fmt):
@@ -129,10 +132,12 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
         lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
         return "\n".join(lines)
     widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
-    fmt_row = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w)
-                                  for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-    return "\n".join([fmt_row(table[0]), "  ".join("-" * w for w in widths),
-                      *map(fmt_row, table[1:])])
+    fmt_row = lambda r: "  ".join(
+        c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+    )
+    return "\n".join(
+        [fmt_row(table[0]), "  ".join("-" * w for w in widths), *map(fmt_row, table[1:])]
+    )
 
 
 def plot(results: list[dict[str, Any]], output: Path) -> list[Path]:
@@ -154,8 +159,11 @@ def plot(results: list[dict[str, Any]], output: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in results:
             y = smooth(np.asarray(r["history"]["loss"]))
-            x = (np.arange(1, len(y) + 1) if xkey is None
-                 else np.asarray(r["history"][xkey])[len(r["history"][xkey]) - len(y):])
+            x = (
+                np.arange(1, len(y) + 1)
+                if xkey is None
+                else np.asarray(r["history"][xkey])[len(r["history"][xkey]) - len(y) :]
+            )
             ax.plot(x, y, label=r["row"]["method"])
         ax.set(xlabel=xlabel, ylabel="training loss (moving average)", yscale="log")
         ax.legend()
@@ -165,8 +173,9 @@ def plot(results: list[dict[str, Any]], output: Path) -> list[Path]:
         paths.append(output / name)
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
-        ax.plot(r["history"]["eval_step"], r["history"]["test_accuracy"], "o-",
-                label=r["row"]["method"])
+        ax.plot(
+            r["history"]["eval_step"], r["history"]["test_accuracy"], "o-", label=r["row"]["method"]
+        )
     ax.set(xlabel="step", ylabel="test accuracy")
     ax.legend()
     fig.tight_layout()
@@ -210,17 +219,38 @@ def compare(
     table = format_table(rows)
     print(f"\n{dataset} / {model}: {steps} steps of batch {batch_size}, seed {seed}\n")
     print(table)
-    settings = {"dataset": dataset, "model": model, "steps": steps, "batch_size": batch_size,
-                "seed": seed, "seconds": time.perf_counter() - started}
+    settings = {
+        "dataset": dataset,
+        "model": model,
+        "steps": steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "seconds": time.perf_counter() - started,
+    }
     benchmarking.write_json(output / "results.json", {"settings": settings, "results": results})
-    command = " ".join(["jaxopt-suite compare", f"--dataset {dataset}", f"--model {model}",
-                        f"--methods {','.join(m.name for m in chosen)}", f"--steps {steps}",
-                        f"--batch-size {batch_size}", f"--seed {seed}"])
-    md = [f"# compare: {dataset} / {model}", "", f"Command: `{command}`", "",
-          format_table(rows, markdown=True), "",
-          "Step times are medians over all steps after compilation; `vs sgd` divides by the "
-          "`sgd` run's median. Memory is XLA's compiled footprint of one step "
-          "(arguments + outputs + temporaries - donated).", ""]
+    command = " ".join(
+        [
+            "jaxopt-suite compare",
+            f"--dataset {dataset}",
+            f"--model {model}",
+            f"--methods {','.join(m.name for m in chosen)}",
+            f"--steps {steps}",
+            f"--batch-size {batch_size}",
+            f"--seed {seed}",
+        ]
+    )
+    md = [
+        f"# compare: {dataset} / {model}",
+        "",
+        f"Command: `{command}`",
+        "",
+        format_table(rows, markdown=True),
+        "",
+        "Step times are medians over all steps after compilation; `vs sgd` divides by the "
+        "`sgd` run's median. Memory is XLA's compiled footprint of one step "
+        "(arguments + outputs + temporaries - donated).",
+        "",
+    ]
     if plots:
         try:
             for p in plot(results, output):
@@ -228,8 +258,10 @@ def compare(
         except ImportError:
             print("matplotlib is not installed (pip install -e '.[examples]'): no plots written")
     (output / "compare.md").write_text("\n".join(md) + "\n")
-    print(f"\nwrote {output / 'results.json'}, {output / 'compare.md'} and plots "
-          f"({time.perf_counter() - started:.0f} s)")
+    print(
+        f"\nwrote {output / 'results.json'}, {output / 'compare.md'} and plots "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
     return rows
 
 
@@ -237,15 +269,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxopt-suite", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("compare", help="train one model with several methods, side by side")
-    p.add_argument("--dataset", default=DEFAULTS["dataset"],
-                   help=f"one of {', '.join(data_lib.DATASETS)} (default %(default)s)")
-    p.add_argument("--model", default=DEFAULTS["model"],
-                   help=f"one of {', '.join(zoo.MODELS)} (default %(default)s)")
-    p.add_argument("--methods", default=None,
-                   help="comma-separated method names (default: all); see `list`")
+    p.add_argument(
+        "--dataset",
+        default=DEFAULTS["dataset"],
+        help=f"one of {', '.join(data_lib.DATASETS)} (default %(default)s)",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULTS["model"],
+        help=f"one of {', '.join(zoo.MODELS)} (default %(default)s)",
+    )
+    p.add_argument(
+        "--methods", default=None, help="comma-separated method names (default: all); see `list`"
+    )
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    p.add_argument("--epochs", type=float, default=None,
-                   help="train for this many epochs instead of --steps")
+    p.add_argument(
+        "--epochs", type=float, default=None, help="train for this many epochs instead of --steps"
+    )
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--output", default=DEFAULTS["output"], help="directory for results and plots")

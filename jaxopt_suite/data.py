@@ -70,9 +70,7 @@ def load_mnist(path: str | os.PathLike | None = None) -> Dataset:
     """
     path = Path(path) if path is not None else _mnist_pickle_path()
     with gzip.open(path, "rb") as f:
-        (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = pickle.load(
-            f, encoding="latin1"
-        )
+        (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = pickle.load(f, encoding="latin1")
 
     def to_bytes(x: np.ndarray) -> np.ndarray:
         return np.rint(np.asarray(x, np.float64) * 256.0).astype(np.uint8).reshape(-1, 28, 28)
@@ -211,7 +209,7 @@ def batches(
 def synthetic(
     key: jax.Array, num_train: int = 256, num_test: int = 64, num_classes: int = 10
 ) -> Dataset:
-    """A tiny learnable image dataset (class-dependent blobs plus noise) for tests and smoke runs."""
+    """A tiny learnable image dataset (class prototypes plus noise) for tests and smoke runs."""
     k_proto, k_train, k_test, k_ltrain, k_ltest = jax.random.split(key, 5)
     prototypes = jax.random.uniform(k_proto, (num_classes, 28, 28))
 

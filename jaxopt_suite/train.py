@@ -33,6 +33,8 @@ def small_budget() -> bool:
     """True when ``JAXOPT_SUITE_SMALL`` is set: notebooks and examples shrink their runs
     (the test suite executes every notebook this way)."""
     return os.environ.get("JAXOPT_SUITE_SMALL", "") not in ("", "0")
+
+
 Batch = tuple[jax.Array, jax.Array]
 
 
@@ -170,7 +172,7 @@ class History(NamedTuple):
 
 
 def epochs(key: jax.Array, images, labels, batch_size: int) -> Iterator[tuple[np.ndarray, ...]]:
-    """Endless shuffled mini-batches, a fresh permutation each epoch (last partial batch dropped)."""
+    """Endless shuffled mini-batches, a new permutation each epoch (partial batches dropped)."""
     while True:
         key, subkey = jax.random.split(key)
         yield from data_lib.batches(subkey, images, labels, batch_size=batch_size)

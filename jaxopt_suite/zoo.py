@@ -64,7 +64,7 @@ class BackpackCNN(nn.Module):
 
 
 class FwdGradCNN(nn.Module):
-    """The forward-gradient seed's CNN: 4 x Conv 3x3 64 (pool after the 2nd and 4th), 3136-1024-10."""
+    """The forward-gradient seed's CNN: 4 x Conv 3x3 64 (pool after the 2nd, 4th), 3136-1024-10."""
 
     channels: int = 64
     hidden: int = 1024

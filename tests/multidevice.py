@@ -23,10 +23,7 @@ def run_on_devices(body: str, num_devices: int = 8, timeout: float = 300) -> str
         env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
-    prelude = (
-        "import jax\n"
-        f"assert jax.device_count() == {num_devices}, jax.devices()\n"
-    )
+    prelude = f"import jax\nassert jax.device_count() == {num_devices}, jax.devices()\n"
     proc = subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(body)],
         capture_output=True,
