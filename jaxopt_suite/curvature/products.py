@@ -1,0 +1,514 @@
+"""Matrix-free curvature products: GGN- and Hessian-vector products, Hutchinson diagonals.
+
+Nothing here forms a matrix over the parameters. A product costs about as much as a gradient:
+
+* :func:`hessian_vector_product`: forward-over-reverse, :math:`Hv = \\partial_\\epsilon
+  \\nabla L(\\theta + \\epsilon v)`.
+* :func:`ggn_vector_product`: :math:`Gv = J^\\top H_f J v`, with :math:`J` the Jacobian of the
+  model outputs with respect to the parameters (one linearisation, applied forward and
+  transposed) and :math:`H_f` the Hessian of the loss with respect to the outputs, applied as a
+  jvp of the output gradient.
+* :func:`hutchinson_diagonal`: the diagonal of any symmetric linear operator from Rademacher
+  probes, :math:`\\operatorname{diag}(M) \\approx \\frac1S\\sum_s v_s \\odot M v_s`.
+* :func:`loss_hessian_sqrt`: columns :math:`S` with :math:`S S^\\top = H_f` (exact or Monte
+  Carlo), the factor that Kronecker-factored curvature backpropagates.
+
+Losses follow ``REFERENCE.md`` §3: ``"cross_entropy"`` (integer labels, outputs ``(N, ..., C)``,
+every position a term), ``"mse"`` (PyTorch: squared error averaged over all entries),
+``"bce_with_logits"`` (targets in [0, 1], shaped like the outputs), or a callable
+``loss(output, target)`` for ONE sample, summed over the batch. ``reduction="mean"`` divides
+by the number of terms (N for a callable, every entry for the named losses), ``"sum"`` does not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+Loss = str | Callable[[jax.Array, jax.Array], jax.Array]
+MatVec = Callable[[PyTree], PyTree]
+
+LOSSES = ("cross_entropy", "mse", "bce_with_logits")
+REDUCTIONS = ("mean", "sum")
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_loss_name(loss: Loss) -> None:
+    if not callable(loss) and loss not in LOSSES:
+        raise ValueError(
+            f"loss must be one of {LOSSES} or a callable loss(output, target) for one sample, "
+            f"got {loss!r}"
+        )
+
+
+def _check_targets(loss: Loss, outputs: jax.Array, targets: jax.Array) -> None:
+    if callable(loss):
+        if targets.shape[:1] != outputs.shape[:1]:
+            raise ValueError(
+                f"targets must have the batch size of the outputs ({outputs.shape[0]}) in their "
+                f"first axis for a per-sample callable loss, got shape {targets.shape}"
+            )
+        return
+    if outputs.ndim < 2:
+        raise ValueError(
+            f"outputs of the model must be at least (N, C) for loss {loss!r}, got {outputs.shape}"
+        )
+    if loss == "cross_entropy":
+        if targets.shape != outputs.shape[:-1]:
+            raise ValueError(
+                "targets for 'cross_entropy' must be integer labels of shape outputs.shape[:-1] = "
+                f"{outputs.shape[:-1]}, got shape {targets.shape}"
+            )
+        if not jnp.issubdtype(targets.dtype, jnp.integer):
+            raise TypeError(
+                f"targets for 'cross_entropy' must be integer labels, got dtype {targets.dtype}"
+            )
+    elif targets.shape != outputs.shape:
+        raise ValueError(
+            f"targets for {loss!r} must have the shape of the outputs {outputs.shape}, "
+            f"got {targets.shape}"
+        )
+
+
+def _per_sample_callable(loss: Callable, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    values = jax.vmap(loss)(outputs, targets)
+    if values.shape != (outputs.shape[0],):
+        raise ValueError(
+            "a callable loss must map ONE sample's (output, target) to a scalar; it returned "
+            f"shape {values.shape[1:]} per sample"
+        )
+    return values
+
+
+def batch_loss(loss: Loss, reduction: str = "mean") -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The mini-batch loss :math:`L = c \\sum_t \\ell_t` as a function of outputs and targets.
+
+    :math:`c = 1/T` for ``"mean"`` (T the number of terms: samples for a callable, every
+    position of a cross-entropy, every entry of MSE and BCE) and :math:`c = 1` for ``"sum"``.
+
+    Args:
+      loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or a per-sample callable
+        ``loss(output, target) -> scalar``.
+      reduction: ``"mean"`` or ``"sum"``.
+
+    Returns:
+      ``fn(outputs, targets) -> scalar``; it checks the targets' shape when traced.
+
+    Example:
+      >>> fn = batch_loss("mse")
+      >>> float(fn(jnp.ones((2, 3)), jnp.zeros((2, 3))))
+      1.0
+    """
+    _check_loss_name(loss)
+    _check_reduction(reduction)
+    reduce = jnp.mean if reduction == "mean" else jnp.sum
+
+    def fn(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+        outputs, targets = jnp.asarray(outputs), jnp.asarray(targets)
+        _check_targets(loss, outputs, targets)
+        if callable(loss):
+            terms = _per_sample_callable(loss, outputs, targets)
+        elif loss == "cross_entropy":
+            terms = optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
+        elif loss == "mse":
+            terms = (outputs - targets) ** 2
+        else:
+            terms = optax.sigmoid_binary_cross_entropy(outputs, targets)
+        return reduce(terms)
+
+    return fn
+
+
+def _num_terms(loss: Loss, outputs: jax.Array) -> int:
+    if callable(loss):
+        return outputs.shape[0]
+    if loss == "cross_entropy":
+        return outputs.size // outputs.shape[-1]
+    return outputs.size
+
+
+def loss_hessian_sqrt(
+    loss: Loss,
+    outputs: jax.Array,
+    targets: jax.Array,
+    reduction: str = "mean",
+    *,
+    key: jax.Array | None = None,
+    mc_samples: int | None = None,
+) -> jax.Array:
+    """Columns :math:`S` of a square root of the loss Hessian in the outputs, :math:`SS^\\top=H`.
+
+    Exact (``mc_samples=None``), per sample :math:`n` and position:
+
+    * cross-entropy: :math:`S = \\operatorname{diag}(\\sqrt p) - p\\sqrt p^\\top`,
+      :math:`p = \\operatorname{softmax}(f)`;
+    * MSE: :math:`S = \\sqrt2\\, I`; BCE with logits: :math:`S = \\sqrt{\\sigma(1-\\sigma)}`;
+    * a callable: :math:`S = V\\operatorname{diag}(\\sqrt{\\max(\\lambda, 0)})` from the
+      eigendecomposition of the per-sample Hessian ``jax.hessian(loss)``.
+
+    Monte Carlo (``mc_samples=M``): :math:`\\tilde S_m = \\nabla_f(-\\log p(\\tilde y_m\\mid f))
+    /\\sqrt M` with :math:`\\tilde y_m` drawn from the model's predictive distribution
+    (categorical; Gaussian :math:`\\mathcal N(f, 1/2)`; Bernoulli), so
+    :math:`\\mathbb E[\\tilde S\\tilde S^\\top] = H`. Both are multiplied by :math:`\\sqrt c`
+    (``1/sqrt(T)`` for ``"mean"``, see :func:`batch_loss`).
+
+    Args:
+      loss: a loss name of :data:`LOSSES` or a per-sample callable (exact only).
+      outputs: model outputs ``(N, ...)``.
+      targets: as for :func:`batch_loss` (only the callable's Hessian depends on them).
+      reduction: ``"mean"`` or ``"sum"``.
+      key: PRNG key, required with ``mc_samples``.
+      mc_samples: number of Monte Carlo columns M, or None for the exact square root.
+
+    Returns:
+      ``(K, *outputs.shape)``: K columns, each shaped like the outputs. Exact: K is the size of
+      one sample's output (for a cross-entropy over positions, column ``(position, class)`` is
+      non-zero at that position only). Monte Carlo: K = M.
+
+    Example:
+      >>> s = loss_hessian_sqrt("mse", jnp.zeros((4, 3)), jnp.ones((4, 3)), "sum")
+      >>> s.shape
+      (3, 4, 3)
+    """
+    _check_loss_name(loss)
+    _check_reduction(reduction)
+    outputs, targets = jnp.asarray(outputs), jnp.asarray(targets)
+    _check_targets(loss, outputs, targets)
+    scale = 1.0 / jnp.sqrt(_num_terms(loss, outputs)) if reduction == "mean" else 1.0
+    if mc_samples is not None:
+        if callable(loss):
+            raise ValueError(
+                "mc_samples needs a named loss (its predictive distribution); for a callable "
+                f"loss use the exact square root (mc_samples=None); named losses: {LOSSES}"
+            )
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive int or None, got {mc_samples!r}")
+        if key is None:
+            raise ValueError("key is required for Monte Carlo columns (mc_samples is set)")
+        return scale * _mc_sqrt(loss, outputs, key, mc_samples)
+    return scale * _exact_sqrt(loss, outputs, targets)
+
+
+def _exact_sqrt(loss: Loss, outputs: jax.Array, targets: jax.Array) -> jax.Array:
+    n = outputs.shape[0]
+    if callable(loss):
+        flat = outputs.reshape(n, -1)
+
+        def sqrt_one(out_flat, target):
+            hess = jax.hessian(lambda o: loss(o.reshape(outputs.shape[1:]), target))(out_flat)
+            eigvals, eigvecs = jnp.linalg.eigh(hess)
+            return eigvecs * jnp.sqrt(jnp.maximum(eigvals, 0.0))  # (D, K): columns
+
+        cols = jax.vmap(sqrt_one)(flat, targets)  # (N, D, K)
+        return jnp.moveaxis(cols, -1, 0).reshape(-1, *outputs.shape)
+    if loss == "cross_entropy":
+        c = outputs.shape[-1]
+        p = jax.nn.softmax(outputs, axis=-1)
+        sqrt_p = jnp.sqrt(p)
+        # per position: S[k, j] = delta_kj sqrt(p_j) - p_k sqrt(p_j)
+        blocks = (jnp.eye(c, dtype=p.dtype) - p[..., :, None]) * sqrt_p[..., None, :]
+        positions = p.shape[1:-1]
+        num_pos = math.prod(positions)
+        blocks = blocks.reshape(n, num_pos, c, c)
+        cols = jnp.einsum("pq,nqkj->pjnqk", jnp.eye(num_pos, dtype=p.dtype), blocks)
+        return cols.reshape(num_pos * c, *outputs.shape)
+    if loss == "mse":
+        d = outputs[0].size
+        eye = jnp.sqrt(2.0) * jnp.eye(d, dtype=outputs.dtype)
+        cols = jnp.broadcast_to(eye[:, None, :], (d, n, d))
+        return cols.reshape(d, *outputs.shape)
+    d = outputs[0].size
+    sig = jax.nn.sigmoid(outputs).reshape(n, d)
+    root = jnp.sqrt(sig * (1.0 - sig))
+    cols = jnp.einsum("kj,nj->knj", jnp.eye(d, dtype=root.dtype), root)
+    return cols.reshape(d, *outputs.shape)
+
+
+def _mc_sqrt(loss: str, outputs: jax.Array, key: jax.Array, m: int) -> jax.Array:
+    shape = (m, *outputs.shape)
+    if loss == "cross_entropy":
+        c = outputs.shape[-1]
+        labels = jax.random.categorical(key, outputs, axis=-1, shape=(m, *outputs.shape[:-1]))
+        cols = jax.nn.softmax(outputs, axis=-1) - jax.nn.one_hot(labels, c, dtype=outputs.dtype)
+    elif loss == "mse":
+        # y ~ N(f, 1/2): grad_f (f - y)^2 = 2 (f - y) = -sqrt(2) eps, eps ~ N(0, 1)
+        cols = jnp.sqrt(2.0) * jax.random.normal(key, shape, outputs.dtype)
+    else:
+        sig = jax.nn.sigmoid(outputs)
+        draws = jax.random.bernoulli(key, sig, shape).astype(outputs.dtype)
+        cols = sig - draws
+    return cols / jnp.sqrt(m)
+
+
+# ---------------------------------------------------------------------------------------------
+# products
+
+
+def _check_like(name: str, tree: PyTree, params: PyTree) -> None:
+    """ValueError naming the first leaf of ``tree`` whose structure/shape differs from params."""
+    p_leaves, p_def = jax.tree.flatten_with_path(params)
+    t_leaves, t_def = jax.tree.flatten_with_path(tree)
+    if p_def != t_def:
+        raise ValueError(
+            f"{name} must have the pytree structure of params; got {t_def}, expected {p_def}"
+        )
+    for (path, p), (_, t) in zip(p_leaves, t_leaves, strict=True):
+        if jnp.shape(t) != jnp.shape(p):
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} has shape {jnp.shape(t)}, expected "
+                f"{jnp.shape(p)} (the shape of params{jax.tree_util.keystr(path)})"
+            )
+
+
+def ggn_matvec(
+    apply_fn: Callable[[PyTree, jax.Array], jax.Array],
+    loss: Loss,
+    params: PyTree,
+    inputs: jax.Array,
+    targets: jax.Array,
+    reduction: str = "mean",
+) -> MatVec:
+    """The generalized Gauss-Newton operator at ``params`` as a function ``v -> G v``.
+
+    .. math:: G v = J^\\top H_f J v, \\qquad J = \\partial f(\\theta, x)/\\partial\\theta,
+       \\quad H_f = \\nabla^2_f L(f, y)
+
+    The model is linearised once (``jax.linearize``); every call then costs one
+    Jacobian-vector product, one Hessian-vector product of the loss in the outputs (a jvp of
+    its gradient) and one transposed Jacobian product. Use it to apply G to many vectors (e.g.
+    :func:`hutchinson_diagonal` or conjugate gradients).
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs``, any pure function.
+      loss: a name of :data:`LOSSES` or a per-sample callable (see :func:`batch_loss`).
+      params: the point of linearisation.
+      inputs: model inputs.
+      targets: labels/targets for the loss.
+      reduction: ``"mean"`` or ``"sum"``.
+
+    Returns:
+      ``matvec(v) -> G v``, ``v`` and the result shaped like ``params``.
+
+    Example:
+      >>> apply_fn = lambda p, x: x @ p
+      >>> mv = ggn_matvec(apply_fn, "mse", jnp.ones((3, 2)), jnp.eye(3), jnp.zeros((3, 2)))
+      >>> mv(jnp.ones((3, 2))).shape
+      (3, 2)
+    """
+    loss_of_outputs = batch_loss(loss, reduction)
+    outputs, jvp_fn = jax.linearize(lambda p: apply_fn(p, inputs), params)
+    vjp_fn = jax.linear_transpose(jvp_fn, params)
+    output_grad = jax.grad(lambda o: loss_of_outputs(o, targets))
+
+    def matvec(vector: PyTree) -> PyTree:
+        _check_like("vector", vector, params)
+        jv = jvp_fn(vector)
+        hjv = jax.jvp(output_grad, (outputs,), (jv,))[1]
+        (gv,) = vjp_fn(hjv)
+        return gv
+
+    return matvec
+
+
+def ggn_vector_product(
+    apply_fn: Callable[[PyTree, jax.Array], jax.Array],
+    loss: Loss,
+    params: PyTree,
+    inputs: jax.Array,
+    targets: jax.Array,
+    vector: PyTree,
+    reduction: str = "mean",
+) -> PyTree:
+    """The GGN-vector product :math:`G v = J^\\top H_f J v` without forming G.
+
+    .. math:: G = \\sum_n J_n^\\top H_n J_n,\\quad J_n = \\frac{\\partial f(\\theta, x_n)}
+       {\\partial \\theta},\\quad H_n = \\nabla^2_{f} \\, c\\,\\ell(f, y_n)
+
+    One call of :func:`ggn_matvec`; to apply G to many vectors build the matvec once.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs``.
+      loss: a name of :data:`LOSSES` or a per-sample callable.
+      params: parameters (any pytree).
+      inputs: model inputs.
+      targets: targets of the loss.
+      vector: a pytree shaped like ``params``.
+      reduction: ``"mean"`` (BackPACK's default, 1/N) or ``"sum"``.
+
+    Returns:
+      ``G v``, shaped like ``params``.
+
+    Example:
+      >>> apply_fn = lambda p, x: x @ p
+      >>> gv = ggn_vector_product(apply_fn, "mse", jnp.ones((3, 2)), jnp.eye(3),
+      ...                         jnp.zeros((3, 2)), jnp.ones((3, 2)), reduction="sum")
+      >>> gv.tolist()  # G = 2 I for a linear model under summed squared error
+      [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
+    """
+    return ggn_matvec(apply_fn, loss, params, inputs, targets, reduction)(vector)
+
+
+def hessian_vector_product(
+    loss_fn: Callable[..., jax.Array], params: PyTree, vector: PyTree, *args: Any
+) -> PyTree:
+    """The Hessian-vector product of a scalar function, forward-over-reverse.
+
+    .. math:: H v = \\frac{\\partial}{\\partial\\epsilon}\\nabla_\\theta
+       L(\\theta + \\epsilon v, \\ldots)\\Big|_{\\epsilon=0}
+
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> scalar``.
+      params: where the Hessian is taken.
+      vector: a pytree shaped like ``params``.
+      *args: further arguments of ``loss_fn`` (held fixed).
+
+    Returns:
+      ``H v``, shaped like ``params``.
+
+    Example:
+      >>> f = lambda x: jnp.sum(x**3)
+      >>> hessian_vector_product(f, jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0])).tolist()
+      [6.0, 12.0]
+    """
+    _check_like("vector", vector, params)
+    grad_fn = jax.grad(lambda p: loss_fn(p, *args))
+    return jax.jvp(grad_fn, (params,), (vector,))[1]
+
+
+def rademacher_like(key: jax.Array, params: PyTree) -> PyTree:
+    """A pytree of independent ±1 entries shaped and typed like ``params``."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    probes = [
+        jax.random.rademacher(k, jnp.shape(x), jnp.int8).astype(jnp.result_type(x))
+        for k, x in zip(keys, leaves, strict=False)
+    ]
+    return jax.tree.unflatten(treedef, probes)
+
+
+def hutchinson_diagonal(
+    matvec: MatVec,
+    params: PyTree,
+    key: jax.Array,
+    num_samples: int,
+    *,
+    chunk_size: int | None = None,
+) -> PyTree:
+    """Hutchinson's unbiased estimate of the diagonal of a symmetric linear operator.
+
+    .. math:: \\widehat{\\operatorname{diag}}(M) = \\frac1S \\sum_{s=1}^S v_s \\odot M v_s,
+       \\qquad v_s \\in \\{-1, 1\\}^P \\text{ Rademacher}
+
+    Entry i of one probe's estimate has mean :math:`M_{ii}` and variance
+    :math:`\\sum_{j \\ne i} M_{ij}^2`, so a diagonal operator is recovered exactly.
+
+    Args:
+      matvec: ``v -> M v`` on pytrees shaped like ``params`` (e.g. :func:`ggn_matvec`, or
+        ``lambda v: hessian_vector_product(loss_fn, params, v, *args)``); any function.
+      params: gives the structure, shapes and dtypes of the probes.
+      key: PRNG key for the probes.
+      num_samples: number of probes S (>= 1).
+      chunk_size: probes evaluated together with ``vmap`` (memory ~ chunk_size products);
+        None evaluates all S at once.
+
+    Returns:
+      The estimated diagonal, shaped like ``params``.
+
+    Example:
+      >>> mv = lambda v: 3.0 * v
+      >>> hutchinson_diagonal(mv, jnp.zeros(2), jax.random.key(0), 4).tolist()
+      [3.0, 3.0]
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    def one_probe(probe_key):
+        v = rademacher_like(probe_key, params)
+        return jax.tree.map(jnp.multiply, v, matvec(v))
+
+    keys = jax.random.split(key, num_samples)
+    estimates = jax.lax.map(one_probe, keys, batch_size=chunk_size or num_samples)
+    return jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates)
+
+
+# ---------------------------------------------------------------------------------------------
+# an estimator for optax.contrib.sophia
+
+
+class HutchinsonState(NamedTuple):
+    """State of :func:`hutchinson_estimator`."""
+
+    key: jax.Array  # PRNG key for the next probes
+
+
+def hutchinson_estimator(
+    num_samples: int = 1,
+    key: jax.Array | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """A transformation whose output is a Hutchinson curvature diagonal (Sophia's interface).
+
+    ``update(updates, state, params, *, matvec=None, obj_fn=None)`` returns
+    :func:`hutchinson_diagonal` of ``matvec`` (``v -> M v`` at ``params``: a GGN product from
+    :func:`ggn_matvec`, or any other) or, when only ``obj_fn(params) -> scalar`` is given, of
+    its Hessian (as optax's own estimator). The incoming ``updates`` are ignored. Pass it as
+    ``optax.contrib.sophia(..., hessian_diagonal_fn=hutchinson_estimator())``; the extra
+    keyword arguments of Sophia's ``update`` reach it.
+
+    Args:
+      num_samples: probes per estimate.
+      key: PRNG key of the first probes (default ``jax.random.key(0)``).
+      chunk_size: see :func:`hutchinson_diagonal`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`HutchinsonState`.
+
+    Example:
+      >>> est = hutchinson_estimator(num_samples=2)
+      >>> p = jnp.ones(3)
+      >>> d, _ = est.update(p, est.init(p), p, obj_fn=lambda q: jnp.sum(q**2))
+      >>> d.tolist()
+      [2.0, 2.0, 2.0]
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+
+    def init_fn(params):
+        del params
+        return HutchinsonState(key=jax.random.key(0) if key is None else key)
+
+    def update_fn(updates, state, params=None, *, matvec=None, obj_fn=None, **extra):
+        del updates, extra
+        if params is None:
+            raise ValueError("params are required by hutchinson_estimator's update")
+        if matvec is None and obj_fn is None:
+            raise ValueError(
+                "hutchinson_estimator's update needs matvec=(v -> M v) or obj_fn=(params -> "
+                "scalar) as an extra keyword argument"
+            )
+        if matvec is None:
+            matvec = lambda v: hessian_vector_product(obj_fn, params, v)
+        next_key, probe_key = jax.random.split(state.key)
+        diagonal = hutchinson_diagonal(
+            matvec, params, probe_key, num_samples, chunk_size=chunk_size
+        )
+        return diagonal, HutchinsonState(key=next_key)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
