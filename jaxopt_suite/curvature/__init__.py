@@ -1,0 +1,19 @@
+"""BackPACK for JAX: per-sample and curvature quantities alongside the gradient.
+
+:func:`value_and_grad` returns the mini-batch loss, its gradient and, in the same pass,
+BackPACK's quantities (:data:`QUANTITIES`): individual gradients and their norms, the sum of
+squared individual gradients and the gradient variance, and the diagonal of the generalized
+Gauss-Newton matrix, exact or by Monte Carlo, summed or per sample.
+
+Layout, as BackPACK's: :mod:`~jaxopt_suite.curvature.losses` (loss Hessian square roots and
+sampling), :mod:`~jaxopt_suite.curvature.layers` (finding Dense/Conv layers and their
+derivative rules), :mod:`~jaxopt_suite.curvature.generic` (per-sample VJPs for everything else),
+:mod:`~jaxopt_suite.curvature.quantities` (each quantity written once against both) and
+:mod:`~jaxopt_suite.curvature.engine` (the entry point).
+"""
+
+from jaxopt_suite.curvature.engine import coverage, value_and_grad
+from jaxopt_suite.curvature.losses import LOSSES, REDUCTIONS
+from jaxopt_suite.curvature.quantities import QUANTITIES
+
+__all__ = ["LOSSES", "QUANTITIES", "REDUCTIONS", "coverage", "value_and_grad"]

@@ -1,0 +1,71 @@
+r"""BackPACK's quantities, each written once as (source of cotangents, statistic, finish).
+
+A quantity is a statistic (:data:`~jaxopt_suite.curvature.layers.STATISTICS`) of the
+per-(column, sample) gradients :math:`\hat g_{k,n} = J_n^\top s_{k,n}`, where the columns
+:math:`s_{k,n}` come from one of three *sources*:
+
+* ``grad``: the single column :math:`c \nabla_f \ell_n` (so :math:`\hat g_n = c \nabla \ell_n`
+  and :math:`\sum_n \hat g_n = \nabla L`),
+* ``ggn_exact``: the columns of :math:`\sqrt{c} S_n` with :math:`S_n S_n^\top = \nabla_f^2
+  \ell_n`,
+* ``ggn_mc``: ``M`` Monte-Carlo columns :math:`\sqrt{c/M}\, \tilde s_{m,n}`.
+
+Per parameter leaf:
+
+.. math::
+   \text{grad\_batch} = \hat g_n, \quad \text{batch\_l2} = \|\hat g_n\|^2, \quad
+   \text{sum\_grad\_squared} = \sum_n \hat g_n^{\odot 2}, \quad
+   \text{variance} = \tfrac{1}{N}\text{sum\_grad\_squared} - (\nabla L / N)^{\odot 2},
+
+   \text{diag\_ggn} = \sum_{n,k} (J_n^\top s_{k,n})^{\odot 2}, \quad
+   \text{diag\_ggn\_batch}_n = \sum_k (J_n^\top s_{k,n})^{\odot 2}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+
+SOURCES = ("grad", "ggn_exact", "ggn_mc")
+
+
+class Quantity(NamedTuple):
+    """How one quantity is computed.
+
+    Attributes:
+      source: where the cotangent columns come from (:data:`SOURCES`).
+      statistic: what is reduced from the per-(column, sample) gradients.
+      finish: ``(statistic, grad, batch_size) -> result`` per leaf, or None for the identity.
+    """
+
+    source: str
+    statistic: str
+    finish: Callable[[jax.Array, jax.Array, int], jax.Array] | None = None
+
+
+def _variance(sum_grad_squared: jax.Array, grad: jax.Array, n: int) -> jax.Array:
+    return sum_grad_squared / n - (grad / n) ** 2
+
+
+QUANTITIES: dict[str, Quantity] = {
+    "grad_batch": Quantity("grad", "individual"),
+    "batch_l2": Quantity("grad", "individual_sq_norm"),
+    "sum_grad_squared": Quantity("grad", "sum_sq"),
+    "variance": Quantity("grad", "sum_sq", _variance),
+    "diag_ggn_exact": Quantity("ggn_exact", "sum_sq"),
+    "diag_ggn_mc": Quantity("ggn_mc", "sum_sq"),
+    "diag_ggn_exact_batch": Quantity("ggn_exact", "individual_sum_sq"),
+    "diag_ggn_mc_batch": Quantity("ggn_mc", "individual_sum_sq"),
+}
+
+
+def get(names: tuple[str, ...]) -> dict[str, Quantity]:
+    """Looks quantities up; an unknown name raises a ValueError listing the valid ones."""
+    if isinstance(names, str):
+        raise TypeError(f"quantities must be a sequence of names, not the string {names!r}")
+    unknown = [n for n in names if n not in QUANTITIES]
+    if unknown:
+        raise ValueError(f"unknown quantities {unknown}; valid names: {', '.join(QUANTITIES)}")
+    return {n: QUANTITIES[n] for n in names}
