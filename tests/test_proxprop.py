@@ -25,7 +25,6 @@ from jaxopt_suite.proxprop import (
     ProxPropNNXConv,
     parse_mode,
     proxprop_dense,
-    proxprop_linear,
     proxprop_module,
 )
 
@@ -172,7 +171,7 @@ def test_dense_exact_matches_closed_form(n, fan_in, use_bias):
     x, w, b, t = _dense_problem(n, fan_in, 3)
     b = b if use_bias else None
     tau = 0.5
-    a, g, m = np_dense_system(x, w, b, t, tau)
+    _a, g, m = np_dense_system(x, w, b, t, tau)
     expected = np.linalg.solve(m, g)
     got = _dense_directions(x, w, b, t, tau, "prox_exact")
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
@@ -236,7 +235,7 @@ def test_dense_leading_axes_are_batch_rows():
 
 
 def test_traced_tau_matches_concrete():
-    x, w, b, t = _dense_problem(5, 3, 2)
+    x, w, b, _t = _dense_problem(5, 3, 2)
 
     @jax.jit
     def direction(tau):
@@ -400,7 +399,7 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("kw", CONV_CASES, ids=["same", "valid-stride", "circular-nobias"])
 def test_conv_exact_matches_full_jacobian_system(kw):
-    params, loss, unravel, jac, g, _, _ = _conv_setup(kw)
+    params, loss, _unravel, jac, g, _, _ = _conv_setup(kw)
     tau = 0.5
     expected = np.linalg.solve(jac.T @ jac + np.eye(len(g)) / tau, g)
     layer = ProxPropConv(**kw, tau_prox=tau, optimization_mode="prox_exact")
@@ -492,7 +491,7 @@ def test_nnx_linear_matches_closed_form_and_interchanges():
     layer.kernel[...] = jnp.asarray(w)
     layer.bias[...] = jnp.asarray(b)
     grads = nnx.grad(lambda m: 0.5 * jnp.sum((m(x) - t) ** 2) / 3)(layer)
-    a, g, m = np_dense_system(x, w, b, t, 0.4)
+    _a, g, m = np_dense_system(x, w, b, t, 0.4)
     expected = np.linalg.solve(m, g)
     np.testing.assert_allclose(grads.kernel[...], expected[:-1], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(grads.bias[...], expected[-1], rtol=RTOL, atol=ATOL)
