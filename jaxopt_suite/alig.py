@@ -125,7 +125,7 @@ def global_sq_norm(tree: PyTree) -> jax.Array:
       A scalar of at least float32 precision (0 for an empty tree).
     """
     sums = [
-        jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))))
+        jnp.sum(jnp.square(x.astype(jnp.promote_types(jnp.result_type(x), jnp.float32))))
         for x in jax.tree.leaves(tree)
     ]
     return sum(sums[1:], sums[0]) if sums else jnp.zeros((), jnp.float32)
