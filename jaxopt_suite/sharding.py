@@ -1,0 +1,131 @@
+"""Data-parallel and FSDP-style execution of a training step on a device mesh.
+
+Every method in jaxopt_suite is written with global-batch semantics: a step computes what it
+would compute on one device for the whole batch. ``jax.jit`` with input and output shardings
+then runs it SPMD over a :class:`jax.sharding.Mesh`; XLA inserts the collectives (all-reduce
+of gradients, of Gram matrices, of curvature sums), and no method carries code of its own for
+communication.
+
+Two layouts:
+
+* data parallel: the batch is split along the mesh axis, the training state is replicated;
+* ``shard_params=True`` (FSDP-style): additionally every state leaf with an axis divisible by
+  the number of devices is split along its largest such axis, so each device holds 1/D of the
+  parameters and optimizer state; XLA gathers them where the computation needs them.
+
+Multi-host: call ``jax.distributed.initialize()`` first on every host; ``jax.devices()`` then
+lists the devices of all hosts, :func:`make_mesh` spans them, and each host feeds its own
+slice of the global batch (``jax.make_array_from_process_local_data``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+PyTree = Any
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, axis: str = "data") -> Mesh:
+    """A one-dimensional mesh over ``devices`` (default: all devices) named ``axis``."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh needs at least one device")
+    return Mesh(np.array(devices), (axis,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding that keeps a full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
+    """Splits the leading (batch) axis across ``axis`` of the mesh."""
+    return NamedSharding(mesh, P(axis))
+
+
+def fsdp_sharding(tree: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
+    """Per-leaf shardings that split each leaf along its largest axis divisible by the mesh size.
+
+    Leaves with no such axis (scalars, small or odd-sized arrays, PRNG keys) are replicated.
+    """
+    size = mesh.shape[axis]
+
+    def leaf_sharding(x):
+        shape = getattr(x, "shape", ())
+        if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+            return replicated(mesh)
+        candidates = [d for d, n in enumerate(shape) if n % size == 0 and n >= size]
+        if not candidates:
+            return replicated(mesh)
+        dim = max(candidates, key=lambda d: shape[d])
+        spec = [None] * len(shape)
+        spec[dim] = axis
+        return NamedSharding(mesh, P(*spec))
+
+    return jax.tree.map(leaf_sharding, tree)
+
+
+def data_parallel(
+    step: Callable,
+    state: PyTree,
+    mesh: Mesh,
+    *,
+    axis: str = "data",
+    shard_params: bool = False,
+    num_batch_args: int = 2,
+    donate: bool = True,
+) -> tuple[Callable, PyTree]:
+    """Jits ``step(state, *batch) -> (state, outputs)`` to run SPMD over ``mesh``.
+
+    Args:
+      step: an un-jitted step with global-batch semantics, e.g. ``train.make_step(...)``.
+      state: the initial state; it is placed on the mesh and returned. With ``donate`` its
+        buffers may be reused, so treat the state passed in as consumed (as with
+        ``train.jit_step``).
+      mesh: the device mesh (see :func:`make_mesh`).
+      axis: the mesh axis the batch is split along.
+      shard_params: FSDP-style state sharding (see :func:`fsdp_sharding`) instead of
+        replication.
+      num_batch_args: how many positional arguments after ``state`` are batch arrays whose
+        leading axis is split; their leading size must be divisible by the mesh size.
+      donate: donate the state buffers (parameters updated in place).
+
+    Returns:
+      ``(sharded_step, placed_state)``; call ``sharded_step(state, *batch)`` with host or device
+      arrays: the batch is split across devices; ``outputs`` (any pytree, e.g. the loss) come
+      back replicated.
+    """
+    if axis not in mesh.shape:
+        raise ValueError(f"axis {axis!r} is not a mesh axis; the mesh has {tuple(mesh.shape)}")
+    state_sharding = (
+        fsdp_sharding(state, mesh, axis)
+        if shard_params
+        else jax.tree.map(lambda _: replicated(mesh), state)
+    )
+    state = jax.device_put(state, state_sharding)
+    in_shardings = (state_sharding, *[batch_sharding(mesh, axis)] * num_batch_args)
+    jitted = jax.jit(
+        step,
+        in_shardings=in_shardings,
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=(0,) if donate else (),
+    )
+    size = mesh.shape[axis]
+
+    def sharded_step(state, *batch):
+        for i, b in enumerate(batch):
+            if len(b) % size:
+                raise ValueError(
+                    f"batch argument {i} has leading size {len(b)}, not divisible by the "
+                    f"{size} devices of mesh axis {axis!r}"
+                )
+        return jitted(state, *batch)
+
+    sharded_step.jitted = jitted  # for .lower(...) / memory analysis
+    return sharded_step, state
