@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "train": "jaxopt_suite.train",
     "methods": "jaxopt_suite.methods",
     "benchmarking": "jaxopt_suite.benchmarking",
+    "sharding": "jaxopt_suite.sharding",
     # AliG
     "alig": "jaxopt_suite.alig",
     "scale_by_alig": "jaxopt_suite.alig",
