@@ -392,11 +392,14 @@ def hessian_vector_product(
 def rademacher_like(key: jax.Array, params: PyTree) -> PyTree:
     """A pytree of independent ±1 entries shaped and typed like ``params``."""
     leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    probes = [
-        jax.random.rademacher(k, jnp.shape(x), jnp.int8).astype(jnp.result_type(x))
-        for k, x in zip(keys, leaves, strict=False)
-    ]
+    sizes = [math.prod(jnp.shape(x)) for x in leaves]
+    # one draw for the whole tree: far cheaper to compile than one per leaf
+    signs = jax.random.rademacher(key, (sum(sizes),), jnp.int8)
+    probes, start = [], 0
+    for x, size in zip(leaves, sizes, strict=True):
+        chunk = signs[start : start + size].reshape(jnp.shape(x))
+        probes.append(chunk.astype(jnp.result_type(x)))
+        start += size
     return jax.tree.unflatten(treedef, probes)
 
 
