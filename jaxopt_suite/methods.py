@@ -64,6 +64,7 @@ def _baselines() -> list[Method]:
 # Modules that contribute methods through a ``compare_methods() -> list[Method]`` function.
 _PROVIDERS: tuple[str, ...] = (
     # one line per module, e.g. "jaxopt_suite.alig",
+    "jaxopt_suite.alig",
 )
 
 
