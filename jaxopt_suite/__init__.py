@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     # curvature (BackPACK)
     "curvature": "jaxopt_suite.curvature",
     "precondition": "jaxopt_suite.precondition",
+    "kronecker": "jaxopt_suite.kronecker",
     # forward gradient
     "forward_grad": "jaxopt_suite.fwdgrad",
     "value_and_forward_grad": "jaxopt_suite.fwdgrad",
