@@ -1,0 +1,671 @@
+r"""Forward gradient: unbiased gradient estimates from forward-mode autodiff only.
+
+For a scalar function :math:`f(\theta)` and a random direction :math:`v` with
+:math:`\mathbb{E}[v v^\top] = I`, one ``jax.jvp`` gives :math:`f(\theta)` and the directional
+derivative :math:`\nabla f \cdot v`, and
+
+.. math::
+
+  g = (\nabla f \cdot v)\, v, \qquad \mathbb{E}[g] = \mathbb{E}[v v^\top] \nabla f = \nabla f
+
+(Baydin et al., "Gradients without backpropagation", 2022). Averaging :math:`K` independent
+directions divides the variance by :math:`K`. No reverse-mode pass is ever made: the estimate
+works for functions that reverse mode cannot differentiate (``lax.while_loop``) and needs no
+stored activations.
+
+Directions (``distribution`` x ``structure``), for :math:`n` parameters in total; the variance
+is the total one, :math:`\mathbb{E}\|g - \nabla f\|^2`, for ``K = 1``:
+
+==========  ==========  =================================================  ==================
+structure   distr.      direction                                          total variance
+==========  ==========  =================================================  ==================
+dense       normal      i.i.d. :math:`N(0, 1)` entries (the paper's)       :math:`(n+1)\|\nabla f\|^2`
+dense       rademacher  i.i.d. signs, 32 per random ``uint32`` word        :math:`(n-1)\|\nabla f\|^2`
+rank_one    rademacher  per leaf :math:`a \otimes b`, signs                :math:`(n-1)\|\nabla f\|^2`
+rank_one    normal      per leaf :math:`a \otimes b`, normals              see :func:`forward_grad`
+==========  ==========  =================================================  ==================
+
+``rank_one`` directions draw, for a leaf of shape ``(..., m)``, one vector :math:`a` over the
+leading axes and one :math:`b` over the last axis (vectors and scalars stay dense). Entries
+:math:`a_i b_j` are uncorrelated with unit variance, so :math:`\mathbb{E}[v v^\top] = I` still
+holds and the estimate stays unbiased. Its use is speed: a Dense kernel's tangent term
+:math:`x (a b^\top) = (x a) b^\top` and a convolution's ``conv(x, a ⊗ b) = conv(x, a) ⊗ b`` cost a
+matrix-vector product instead of a second matrix product; this module's forward-mode interpreter
+applies those identities, and only ``jax.jvp`` differentiates anything else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.extend import core as jex_core
+from jax.extend.core import primitives as prims
+
+from jaxopt_suite import methods, train
+
+PyTree = Any
+
+DISTRIBUTIONS = ("normal", "rademacher")
+STRUCTURES = ("dense", "rank_one")
+BATCHING = ("vmap", "scan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Directions
+
+
+class RankOne(NamedTuple):
+    """A rank-one direction for one leaf: ``a[..., None] * b`` (``a``: leaf.shape[:-1], ``b``:
+    leaf.shape[-1:]), kept factored so that linear layers can use it cheaply."""
+
+    a: jax.Array
+    b: jax.Array
+
+    def dense(self) -> jax.Array:
+        return self.a[..., None] * self.b
+
+
+def rademacher(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    r"""I.i.d. random signs :math:`\pm 1`, unpacked 32 per random ``uint32`` word.
+
+    Every bit of ``jax.random.bits`` is an independent fair coin, so this draws 32x fewer random
+    words than ``jax.random.rademacher`` (one word per sign) and costs a shift and a mask per sign.
+
+    Args:
+      key: a PRNG key (any implementation).
+      shape: shape of the result.
+      dtype: floating dtype of the result.
+
+    Returns:
+      An array of ``shape`` with entries ``+1`` or ``-1`` with probability 1/2 each.
+    """
+    size = math.prod(shape)
+    words = jax.random.bits(key, (-(-size // 32),), jnp.uint32)
+    bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+    signs = 1 - 2 * bits.reshape(-1)[:size].astype(dtype)
+    return signs.reshape(shape)
+
+
+def _direction(key: jax.Array, tree: PyTree, distribution: str, structure: str) -> PyTree:
+    """A direction shaped like ``tree``; rank-one leaves stay :class:`RankOne`.
+
+    All the random numbers come from ONE draw, sliced per leaf: a single generator call costs far
+    less than one per leaf (each is a separate small kernel with its own key split).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return tree
+    dtype = jnp.result_type(*leaves)
+    pieces = []  # (leaf index, shape) of each block of random numbers
+    for i, leaf in enumerate(leaves):
+        shape = jnp.shape(leaf)
+        if structure == "rank_one" and len(shape) >= 2:
+            pieces += [(i, shape[:-1]), (i, shape[-1:])]
+        else:
+            pieces.append((i, shape))
+    total = sum(math.prod(shape) for _, shape in pieces)
+    if distribution == "normal":
+        flat = jax.random.normal(key, (total,), dtype)
+    else:
+        flat = rademacher(key, (total,), dtype)
+    blocks: list[list[jax.Array]] = [[] for _ in leaves]
+    offset = 0
+    for i, shape in pieces:
+        size = math.prod(shape)
+        block = flat[offset : offset + size].reshape(shape).astype(jnp.result_type(leaves[i]))
+        blocks[i].append(block)
+        offset += size
+    out = [RankOne(*b) if len(b) == 2 else b[0] for b in blocks]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _densify(direction: PyTree) -> PyTree:
+    return jax.tree.map(
+        lambda d: d.dense() if isinstance(d, RankOne) else d,
+        direction,
+        is_leaf=lambda d: isinstance(d, RankOne),
+    )
+
+
+def random_direction(
+    key: jax.Array, tree: PyTree, distribution: str = "normal", structure: str = "dense"
+) -> PyTree:
+    r"""A random direction :math:`v` shaped like ``tree`` with :math:`\mathbb{E}[v v^\top] = I`.
+
+    Args:
+      key: a PRNG key.
+      tree: a pytree of floating arrays (only shapes and dtypes are used).
+      distribution: ``"normal"`` or ``"rademacher"``.
+      structure: ``"dense"`` (i.i.d. entries) or ``"rank_one"`` (``a ⊗ b`` per leaf of rank >= 2).
+
+    Returns:
+      A pytree of dense arrays like ``tree``.
+
+    Example:
+      >>> v = random_direction(jax.random.key(0), {"w": jnp.zeros((3, 2))}, "rademacher")
+    """
+    _check_choice("distribution", distribution, DISTRIBUTIONS)
+    _check_choice("structure", structure, STRUCTURES)
+    return _densify(_direction(key, tree, distribution, structure))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward mode with rank-one tangents: a jaxpr interpreter that applies jax.jvp equation by
+# equation, except where a RankOne tangent enters a contraction that can keep it factored.
+
+
+def _bind(eqn, args: Sequence[Any]) -> list[Any]:
+    out = eqn.primitive.bind(*args, **eqn.primitive.get_bind_params(eqn.params))
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _jvp_eqn(eqn, primals: list, tangents: list, dense_only: bool = True) -> tuple[list, list]:
+    """``jax.jvp`` of one equation w.r.t. the operands that have a tangent (others constant)."""
+    if dense_only:
+        tangents = [t.dense() if isinstance(t, RankOne) else t for t in tangents]
+    active = [i for i, t in enumerate(tangents) if t is not None]
+
+    def call(*dynamic):
+        args = list(primals)
+        for i, x in zip(active, dynamic, strict=True):
+            args[i] = x
+        return _bind(eqn, args)
+
+    out, out_t = jax.jvp(call, [primals[i] for i in active], [tangents[i] for i in active])
+    return out, list(out_t)
+
+
+def _dot_rank_one(eqn, primals, tangents, factored: int) -> tuple[list, list] | None:
+    """dot_general with one RankOne operand: ``dot(x, a ⊗ b)`` as an einsum that contracts ``x``
+    with ``a`` first (a matrix-vector product), then takes the outer product with ``b``."""
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
+    lhs, rhs = primals
+    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    lhs_s = [next(letters) for _ in range(jnp.ndim(lhs))]
+    rhs_s = [next(letters) for _ in range(jnp.ndim(rhs))]
+    for i, j in zip(tuple(lhs_c) + tuple(lhs_b), tuple(rhs_c) + tuple(rhs_b), strict=True):
+        rhs_s[j] = lhs_s[i]
+    out_s = [lhs_s[i] for i in lhs_b]
+    out_s += [s for i, s in enumerate(lhs_s) if i not in lhs_c and i not in lhs_b]
+    out_s += [s for j, s in enumerate(rhs_s) if j not in rhs_c and j not in rhs_b]
+    other = 1 - factored
+    other_s, fact_s = (lhs_s, rhs_s) if factored == 1 else (rhs_s, lhs_s)
+    a, b = tangents[factored]
+    spec = f"{''.join(other_s)},{''.join(fact_s[:-1])},{fact_s[-1]}->{''.join(out_s)}"
+    term = jnp.einsum(spec, primals[other], a, b, optimize="greedy")
+    if tangents[other] is None:
+        out = _bind(eqn, primals)
+        return out, [term.astype(out[0].dtype)]
+    rest = [None, None]
+    rest[other] = tangents[other]
+    out, (t_other,) = _jvp_eqn(eqn, primals, rest)
+    return out, [t_other + term.astype(t_other.dtype)]
+
+
+def _conv_rank_one(eqn, primals, tangents) -> tuple[list, list] | None:
+    """conv with a RankOne kernel whose last axis is the output-feature axis:
+    ``conv(x, a ⊗ b) = conv(x, a) ⊗ b`` (one output channel instead of all of them)."""
+    params = eqn.params
+    dims = params["dimension_numbers"]
+    lhs, rhs = primals
+    if (
+        params["feature_group_count"] != 1
+        or params["batch_group_count"] != 1
+        or dims.rhs_spec[0] != jnp.ndim(rhs) - 1
+    ):
+        return None
+    a, b = tangents[1]
+    (single,) = _bind(eqn, [lhs, a[..., None]])
+    out_shape = [1] * single.ndim
+    out_shape[dims.out_spec[1]] = b.shape[0]
+    term = single * b.reshape(out_shape)
+    if tangents[0] is None:
+        out = _bind(eqn, primals)
+        return out, [term.astype(out[0].dtype)]
+    out, (t_lhs,) = _jvp_eqn(eqn, primals, [tangents[0], None])
+    return out, [t_lhs + term.astype(t_lhs.dtype)]
+
+
+def _sub_jaxpr(eqn):
+    if eqn.primitive is prims.jit_p:
+        return eqn.params["jaxpr"]
+    if eqn.primitive is prims.closed_call_p:
+        return eqn.params["call_jaxpr"]
+    return None
+
+
+def _jvp_jaxpr(jaxpr, consts: Sequence[Any], primals: Sequence[Any], tangents: Sequence[Any]):
+    """Evaluates ``jaxpr`` and its forward derivative; a tangent is None (zero), an array, or a
+    :class:`RankOne`."""
+    primal_env: dict[Any, Any] = {}
+    tangent_env: dict[Any, Any] = {}
+
+    def read(var):
+        if isinstance(var, jex_core.Literal):
+            return var.val, None
+        return primal_env[var], tangent_env.get(var)
+
+    for var, value in zip(jaxpr.constvars, consts, strict=True):
+        primal_env[var] = value
+    for var, value, tangent in zip(jaxpr.invars, primals, tangents, strict=True):
+        primal_env[var] = value
+        tangent_env[var] = tangent
+
+    for eqn in jaxpr.eqns:
+        ps, ts = map(list, zip(*map(read, eqn.invars), strict=True)) if eqn.invars else ([], [])
+        factored = [isinstance(t, RankOne) for t in ts]
+        result = None
+        if all(t is None for t in ts):
+            result = _bind(eqn, ps), [None] * len(eqn.outvars)
+        elif any(factored):
+            sub = _sub_jaxpr(eqn)
+            if sub is not None:
+                result = _jvp_jaxpr(sub.jaxpr, sub.consts, ps, ts)
+            elif eqn.primitive is prims.dot_general_p and sum(factored) == 1:
+                result = _dot_rank_one(eqn, ps, ts, factored.index(True))
+            elif eqn.primitive is prims.conv_general_dilated_p and factored == [False, True]:
+                result = _conv_rank_one(eqn, ps, ts)
+        if result is None:
+            result = _jvp_eqn(eqn, ps, ts)
+        outs, out_ts = result
+        for var, value, tangent in zip(eqn.outvars, outs, out_ts, strict=True):
+            if isinstance(var, jex_core.DropVar):
+                continue
+            primal_env[var] = value
+            tangent_env[var] = tangent if _is_float(value) else None
+
+    return [read(v)[0] for v in jaxpr.outvars], [read(v)[1] for v in jaxpr.outvars]
+
+
+def _jvp(fun: Callable, primals: PyTree, tangent: PyTree):
+    """``(fun(primals), d fun(primals)[tangent])``; ``tangent`` may hold :class:`RankOne` leaves.
+
+    ``fun`` returns ``(scalar, aux)``; the derivative of the scalar is returned.
+    """
+    is_rank_one = lambda t: isinstance(t, RankOne)
+    if not any(is_rank_one(t) for t in jax.tree.leaves(tangent, is_leaf=is_rank_one)):
+        (value, aux), (dot, _) = jax.jvp(fun, (primals,), (tangent,))
+        return value, aux, dot
+    flat_primals, treedef = jax.tree.flatten(primals)
+    flat_tangents = treedef.flatten_up_to(tangent)
+    closed, out_shape = jax.make_jaxpr(
+        lambda *xs: fun(jax.tree.unflatten(treedef, xs)), return_shape=True
+    )(*flat_primals)
+    outs, out_tangents = _jvp_jaxpr(closed.jaxpr, closed.consts, flat_primals, flat_tangents)
+    value, aux = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+    dot = out_tangents[0]
+    return value, aux, jnp.zeros_like(value) if dot is None else dot
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimator
+
+
+def _check_choice(name: str, value: Any, accepted: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in accepted:
+        raise ValueError(f"{name} must be one of {list(accepted)}, got {value!r}")
+
+
+def _check_num_directions(num_directions: Any) -> int:
+    if isinstance(num_directions, bool) or not isinstance(num_directions, int | np.integer):
+        raise TypeError(
+            f"num_directions must be a Python int >= 1, got {type(num_directions).__name__}"
+        )
+    if num_directions < 1:
+        raise ValueError(f"num_directions must be >= 1, got {num_directions}")
+    return int(num_directions)
+
+
+def _normalize_argnums(argnums: int | Sequence[int], num_args: int) -> tuple[int, ...]:
+    items = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    if not items:
+        raise ValueError("argnums must name at least one positional argument")
+    out = []
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"argnums must be an int or a sequence of ints, got {argnums!r}")
+        if not -num_args <= i < num_args:
+            raise ValueError(
+                f"argnums {argnums!r} out of range: the function was called with "
+                f"{num_args} positional argument(s)"
+            )
+        out.append(i % num_args)
+    return tuple(out)
+
+
+def _check_scalar(value: Any) -> None:
+    shape, dtype = jnp.shape(value), jnp.result_type(value)
+    if shape != () or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            "fun must return a real floating scalar (shape ()) to have a gradient; got "
+            f"shape {shape} and dtype {dtype}"
+        )
+
+
+def value_and_forward_grad(
+    fun: Callable,
+    argnums: int | Sequence[int] = 0,
+    *,
+    num_directions: int = 1,
+    distribution: str = "normal",
+    structure: str = "dense",
+    batching: str = "vmap",
+    has_aux: bool = False,
+) -> Callable:
+    r"""Like ``jax.value_and_grad``, but the gradient is a forward-gradient estimate.
+
+    .. math::
+
+      \hat g = \frac{1}{K} \sum_{k=1}^{K} (\nabla f \cdot v_k)\, v_k, \qquad
+      \mathbb{E}[\hat g] = \nabla f, \qquad
+      \mathbb{E}\|\hat g - \nabla f\|^2 = \frac{c - 1}{K} \|\nabla f\|^2
+
+    with :math:`c = \mathbb{E}[(\nabla f \cdot v)^2 \|v\|^2] / \|\nabla f\|^2`: :math:`n + 2`
+    for dense normal directions, exactly :math:`n` for Rademacher ones (dense or rank-one, since
+    then :math:`\|v\|^2 = n`), and for rank-one normal directions on a single ``(p, q)`` leaf
+    :math:`(p + 2)(q + 2)`, slightly above :math:`n + 2`. Each :math:`\nabla f \cdot v_k` comes
+    from forward mode (``jax.jvp``) only.
+
+    Args:
+      fun: the function; it returns a real scalar (or ``(scalar, aux)`` with ``has_aux``).
+      argnums: which positional argument(s) to differentiate (an int or a sequence of ints).
+      num_directions: K >= 1 independent directions averaged (variance / K).
+      distribution: ``"normal"`` (the paper's) or ``"rademacher"`` (signs; 32 per random word).
+      structure: ``"dense"`` (i.i.d. entries) or ``"rank_one"`` (``a ⊗ b`` per leaf of rank >= 2,
+        with cheap tangents through ``dot_general`` and convolutions: the fast choice).
+      batching: ``"vmap"`` evaluates the K tangents together (the primal pass shared, memory for K
+        tangents); ``"scan"`` one after the other in ``lax.scan`` (memory of one tangent, K
+        primal passes). Both give the same estimate for the same key.
+      has_aux: ``fun`` returns ``(value, aux)``; ``aux`` is returned with the value.
+
+    Returns:
+      ``g(key, *args, **kwargs) -> (value, estimate)`` (``((value, aux), estimate)`` with
+      ``has_aux``); ``estimate`` has the structure of the differentiated argument (a tuple of
+      them when ``argnums`` is a sequence).
+
+    Example:
+      >>> f = lambda x: jnp.sum(x**2)
+      >>> value, g = value_and_forward_grad(f, distribution="rademacher")(
+      ...     jax.random.key(0), jnp.ones(3))
+    """
+    _check_choice("distribution", distribution, DISTRIBUTIONS)
+    _check_choice("structure", structure, STRUCTURES)
+    _check_choice("batching", batching, BATCHING)
+    num_directions = _check_num_directions(num_directions)
+    if not callable(fun):
+        raise TypeError(f"fun must be callable, got {type(fun).__name__}")
+
+    estimator = _estimator(fun, argnums, num_directions, distribution, structure, batching, has_aux)
+
+    def estimate(key: jax.Array, *args: Any, **kwargs: Any):
+        value, aux, grads, _ = estimator(key, *args, **kwargs)
+        return ((value, aux) if has_aux else value), grads
+
+    return estimate
+
+
+def _estimator(fun, argnums, num_directions, distribution, structure, batching, has_aux):
+    """``(key, *args, **kwargs) -> (value, aux, estimate, directional derivatives (K,))``."""
+
+    def estimate(key: jax.Array, *args: Any, **kwargs: Any):
+        nums = _normalize_argnums(argnums, len(args))
+        diff = tuple(args[i] for i in nums)
+        for i, leaf in zip(nums, diff, strict=True):
+            for x in jax.tree.leaves(leaf):
+                if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+                    raise TypeError(
+                        f"argnums: argument {i} must hold floating arrays to be "
+                        f"differentiated, got dtype {jnp.result_type(x)}"
+                    )
+
+        def f(d):
+            full = list(args)
+            for i, x in zip(nums, d, strict=True):
+                full[i] = x
+            out = fun(*full, **kwargs)
+            if has_aux:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise TypeError("with has_aux=True, fun must return a pair (value, aux)")
+                value, aux = out
+            else:
+                value, aux = out, None
+            _check_scalar(value)
+            return value, aux
+
+        def one(k):
+            v = _direction(k, diff, distribution, structure)
+            value, aux, dot = _jvp(f, diff, v)
+            return value, aux, dot, v
+
+        keys = jax.random.split(key, num_directions)
+        if batching == "vmap":
+            value, aux, dots, vs = jax.vmap(one, out_axes=(None, None, 0, 0))(keys)
+            grads = _combine(dots, vs, num_directions)
+        else:
+            value_shape, aux_shape = jax.eval_shape(f, diff)
+            zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+
+            def body(carry, k):
+                total, _, _ = carry
+                value, aux, dot, v = one(k)
+                total = jax.tree.map(lambda t, d: t + d, total, _scale(dot, v))
+                return (total, value, aux), dot
+
+            init = (
+                jax.tree.map(jnp.zeros_like, diff),
+                zeros(value_shape),
+                jax.tree.map(zeros, aux_shape),
+            )
+            (total, value, aux), dots = jax.lax.scan(body, init, keys)
+            grads = jax.tree.map(lambda t: t / num_directions, total)
+        grads = grads[0] if isinstance(argnums, int) else grads
+        return value, aux, grads, dots
+
+    return estimate
+
+
+def _scale(dot: jax.Array, v: PyTree) -> PyTree:
+    return jax.tree.map(
+        lambda d: (dot * d.a)[..., None] * d.b if isinstance(d, RankOne) else dot * d,
+        v,
+        is_leaf=lambda d: isinstance(d, RankOne),
+    )
+
+
+def _combine(dots: jax.Array, vs: PyTree, k: int) -> PyTree:
+    """``(1/K) sum_k dots[k] v_k`` for directions stacked on a leading axis of size K."""
+
+    def leaf(d):
+        if isinstance(d, RankOne):
+            a = (dots.reshape((k,) + (1,) * (d.a.ndim - 1)) * d.a).reshape(k, -1)
+            return (a.T @ d.b).reshape(d.a.shape[1:] + d.b.shape[1:]) / k
+        return jnp.tensordot(dots, d, axes=1) / k
+
+    return jax.tree.map(leaf, vs, is_leaf=lambda d: isinstance(d, RankOne))
+
+
+def forward_grad(
+    fun: Callable,
+    argnums: int | Sequence[int] = 0,
+    *,
+    num_directions: int = 1,
+    distribution: str = "normal",
+    structure: str = "dense",
+    batching: str = "vmap",
+    has_aux: bool = False,
+) -> Callable:
+    r"""Like ``jax.grad``, but returns the forward-gradient estimate
+    :math:`\hat g = \frac1K \sum_k (\nabla f \cdot v_k) v_k` computed with ``jax.jvp`` only.
+
+    Arguments, variance and directions as in :func:`value_and_forward_grad`.
+
+    Returns:
+      ``g(key, *args, **kwargs) -> estimate`` (``(estimate, aux)`` with ``has_aux``), shaped
+      like the differentiated argument(s).
+
+    Example:
+      >>> g = forward_grad(lambda x: jnp.sum(jnp.sin(x)), num_directions=4)
+      >>> g(jax.random.key(0), jnp.zeros(3)).shape
+      (3,)
+    """
+    value_and_grad = value_and_forward_grad(
+        fun,
+        argnums,
+        num_directions=num_directions,
+        distribution=distribution,
+        structure=structure,
+        batching=batching,
+        has_aux=has_aux,
+    )
+
+    def estimate(key: jax.Array, *args: Any, **kwargs: Any):
+        value, grads = value_and_grad(key, *args, **kwargs)
+        return (grads, value[1]) if has_aux else grads
+
+    return estimate
+
+
+# ---------------------------------------------------------------------------------------------
+# optax transformation
+
+
+class ForwardGradientState(NamedTuple):
+    """State of :func:`forward_gradient`.
+
+    Attributes:
+      key: the PRNG key that the next update splits to draw its directions.
+      nonfinite: number of updates whose loss or directional derivative was not finite (their
+        estimate was replaced by zeros, so parameters are never corrupted).
+    """
+
+    key: jax.Array
+    nonfinite: jax.Array
+
+
+def forward_gradient(
+    key: jax.Array,
+    num_directions: int = 1,
+    distribution: str = "normal",
+    *,
+    structure: str = "dense",
+    batching: str = "vmap",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Replaces the incoming updates by a forward-gradient estimate of ``value_fn`` at ``params``.
+
+    .. math::
+
+      u_t = \frac1K \sum_{k=1}^K (\nabla f(\theta_t) \cdot v_{t,k})\, v_{t,k}, \qquad
+      f = \texttt{value\_fn}
+
+    The incoming updates are ignored (pass zeros), so ``optax.chain(forward_gradient(key),
+    optax.sgd(lr))`` trains without any backward pass. A non-finite loss or directional
+    derivative yields a zero update and increments ``state.nonfinite``.
+
+    Args:
+      key: PRNG key; the state carries it and splits it at every update.
+      num_directions: K >= 1 directions averaged per update.
+      distribution: ``"normal"`` or ``"rademacher"``.
+      structure: ``"dense"`` or ``"rank_one"`` (fast; see :func:`value_and_forward_grad`).
+      batching: ``"vmap"`` or ``"scan"`` (memory-saving).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose
+      ``update(updates, state, params, *, value_fn)`` needs ``value_fn(params) -> scalar``.
+
+    Example:
+      >>> tx = optax.chain(forward_gradient(jax.random.key(0)), optax.sgd(1e-2))
+      >>> params = jnp.array([1.0, 2.0])
+      >>> state = tx.init(params)
+      >>> loss = lambda p: jnp.sum(p**2)
+      >>> updates, state = tx.update(jnp.zeros(2), state, params, value_fn=loss)
+    """
+    _check_choice("distribution", distribution, DISTRIBUTIONS)
+    _check_choice("structure", structure, STRUCTURES)
+    _check_choice("batching", batching, BATCHING)
+    num_directions = _check_num_directions(num_directions)
+    estimate = _estimator(
+        lambda params, value_fn: value_fn(params),
+        0,
+        num_directions,
+        distribution,
+        structure,
+        batching,
+        False,
+    )
+
+    def init_fn(params: optax.Params) -> ForwardGradientState:
+        del params
+        return ForwardGradientState(key=key, nonfinite=jnp.zeros((), jnp.int32))
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        del updates, extra_args
+        if value_fn is None:
+            raise ValueError(
+                "forward_gradient needs the loss: call update(updates, state, params, "
+                "value_fn=lambda p: loss(p, batch))"
+            )
+        if params is None:
+            raise ValueError("forward_gradient needs params: update(updates, state, params, ...)")
+        next_key, subkey = jax.random.split(state.key)
+        value, _, grads, dots = estimate(subkey, params, value_fn)
+        # Directions are finite, so checking the K scalars guards the whole estimate.
+        ok = jnp.isfinite(value) & jnp.all(jnp.isfinite(dots))
+        grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+        return grads, ForwardGradientState(next_key, state.nonfinite + (~ok).astype(jnp.int32))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def value_fn_gradient(problem: train.Problem, params: PyTree, batch: train.Batch, key: jax.Array):
+    """A ``train.GradientFn`` for transformations that differentiate the loss themselves
+    (:func:`forward_gradient`): passes zeros as the direction and ``value_fn``, the loss on this
+    batch, as an extra argument. The loss reported is computed by the same forward pass (XLA
+    merges the two identical primal computations)."""
+    del key
+    value_fn = lambda p: problem.loss_fn(p, *batch)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return value_fn(params), zeros, {"value_fn": value_fn}
+
+
+def sgd_decay(learning_rate: float, decay: float = 1e-4) -> optax.Schedule:
+    """The seed's schedule ``learning_rate * exp(-decay * step)``."""
+    return optax.exponential_decay(learning_rate, transition_steps=1, decay_rate=math.exp(-decay))
+
+
+def compare_methods() -> list[methods.Method]:
+    """``fwdgrad`` (the fast estimator, SGD) and ``fwdgrad-normal`` (the paper's directions)."""
+
+    def build(distribution: str, structure: str, learning_rate: float):
+        def setup(cfg: methods.RunConfig) -> methods.Setup:
+            tx = optax.chain(
+                forward_gradient(
+                    jax.random.key(cfg.seed + 1), distribution=distribution, structure=structure
+                ),
+                optax.sgd(sgd_decay(learning_rate)),
+            )
+            return methods.Setup(tx, gradient=value_fn_gradient)
+
+        return setup
+
+    return [
+        methods.Method(
+            "fwdgrad",
+            "forward gradient (rank-one Rademacher directions), SGD lr 2e-3 exp(-1e-4 t)",
+            build("rademacher", "rank_one", 2e-3),
+        ),
+        methods.Method(
+            "fwdgrad-normal",
+            "forward gradient (dense normal directions), SGD lr 2e-3 exp(-1e-4 t)",
+            build("normal", "dense", 2e-3),
+        ),
+    ]
