@@ -180,7 +180,7 @@ def damped_inverses(
       pi_damping: static choice of the kernel's damping split.
 
     Returns:
-      The inverses, in the same tuple layout (computed by Cholesky, symmetrised).
+      The inverses, in the same tuple layout (from a Cholesky factor, symmetric).
     """
     damping = jnp.asarray(damping)
     if len(factors) == 1:
@@ -200,8 +200,10 @@ def damped_inverses(
 def _spd_inverse(matrix: jax.Array, shift: jax.Array) -> jax.Array:
     eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
     chol = jnp.linalg.cholesky(matrix + shift.astype(matrix.dtype) * eye)
-    inverse = jax.scipy.linalg.cho_solve((chol, True), eye)
-    return 0.5 * (inverse + inverse.T)
+    # M^-1 = L^-T L^-1: one triangular solve and a product, several times faster on CPU than
+    # cho_solve's two solves against the identity, and symmetric by construction
+    chol_inv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+    return chol_inv.T @ chol_inv
 
 
 def precondition(update: jax.Array, inverses: Factors) -> jax.Array:
