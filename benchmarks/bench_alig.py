@@ -223,6 +223,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     sets = split(dataset, args.sweep_train_size)
     factories = {
         "alig": lambda lr: alig(max_lr=lr, momentum=MOMENTUM),
+        "alig-no-momentum": lambda lr: alig(max_lr=lr),
         "sgd": lambda lr: optax.sgd(lr, momentum=MOMENTUM, nesterov=True),
         "adam": lambda lr: optax.adam(lr),
     }
@@ -294,12 +295,12 @@ def plot_sweep(payload: dict[str, Any], output: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, style in (("alig", "o-"), ("sgd", "s--"), ("adam", "^:")):
-        runs = payload["results"][name]
+    styles = ["o-", "D-", "s--", "^:", "v-."]
+    for (name, runs), style in zip(payload["results"].items(), styles, strict=False):
         lrs = np.array([float(k) for k in runs])
         loss = np.array([r["train_loss"][-1] for r in runs.values()])
         acc = np.array([100 * r["test_accuracy"][-1] for r in runs.values()])
-        label = "alig (max_lr)" if name == "alig" else f"{name} (lr)"
+        label = f"{name} (max_lr)" if name.startswith("alig") else f"{name} (lr)"
         ax_loss.plot(lrs, np.where(np.isfinite(loss), loss, np.nan), style, label=label)
         ax_acc.plot(lrs, acc, style, label=label)
     ax_loss.set(
@@ -416,8 +417,9 @@ def summary(output: Path) -> str:
             f"Command: `{p['command']}`",
             "",
             f"{p['dataset']} / {p['model']}, one epoch of {p['train_size']} images "
-            f"({p['steps']} steps of batch {p['batch_size']}) per setting, momentum "
-            f"{p['momentum']} for AliG and SGD. Cells: final test accuracy % "
+            f"({p['steps']} steps of batch {p['batch_size']}) per setting; momentum "
+            f"{p['momentum']} for `alig` and `sgd` (Nesterov), none for `alig-no-momentum`. "
+            "Cells: final test accuracy % "
             "(epoch-mean training loss).",
             "",
             "| lr | " + " | ".join(p["results"]) + " |",
