@@ -16,14 +16,14 @@ stored activations.
 Directions (``distribution`` x ``structure``), for :math:`n` parameters in total; the variance
 is the total one, :math:`\mathbb{E}\|g - \nabla f\|^2`, for ``K = 1``:
 
-==========  ==========  =================================================  ==================
-structure   distr.      direction                                          total variance
-==========  ==========  =================================================  ==================
-dense       normal      i.i.d. :math:`N(0, 1)` entries (the paper's)       :math:`(n+1)\|\nabla f\|^2`
-dense       rademacher  i.i.d. signs, 32 per random ``uint32`` word        :math:`(n-1)\|\nabla f\|^2`
-rank_one    rademacher  per leaf :math:`a \otimes b`, signs                :math:`(n-1)\|\nabla f\|^2`
-rank_one    normal      per leaf :math:`a \otimes b`, normals              see :func:`forward_grad`
-==========  ==========  =================================================  ==================
+* ``dense`` / ``normal``: i.i.d. :math:`N(0, 1)` entries (the paper's);
+  :math:`(n + 1)\|\nabla f\|^2`.
+* ``dense`` / ``rademacher``: i.i.d. signs, 32 per random ``uint32`` word;
+  :math:`(n - 1)\|\nabla f\|^2`.
+* ``rank_one`` / ``rademacher``: per leaf :math:`a \otimes b` of signs;
+  :math:`(n - 1)\|\nabla f\|^2` (as dense signs: :math:`\|v\|^2 = n` in both).
+* ``rank_one`` / ``normal``: per leaf :math:`a \otimes b` of normals; for one ``(p, q)`` leaf
+  :math:`((p + 2)(q + 2) - 1)\|\nabla f\|^2`, a little above dense normals.
 
 ``rank_one`` directions draw, for a leaf of shape ``(..., m)``, one vector :math:`a` over the
 leading axes and one :math:`b` over the last axis (vectors and scalars stay dense). Entries
