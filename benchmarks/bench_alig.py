@@ -335,6 +335,9 @@ def summary(output: Path) -> str:
         p = json.loads(path.read_text())
         t = p["timings"]
         ratio = t["alig"]["ratio"]
+        # each round times every step once, so per-round ratios show the noise of the machine
+        paired = np.asarray(t["alig"]["samples"]) / np.asarray(t["sgd"]["samples"])
+        q1, q3 = np.percentile(paired, [25, 75])
         lines += [
             "## Step overhead",
             "",
@@ -343,7 +346,9 @@ def summary(output: Path) -> str:
             f"Goal: AliG step / `optax.sgd` step <= 1.05 on the {p['model']} (batch "
             f"{p['batch_size']}), one interleaved run, median of {p['repeats']} rounds of "
             f"{p['number']} calls after compilation. **Measured {ratio:.3f}: goal "
-            f"{'met' if ratio <= 1.05 else 'not met'}.**",
+            f"{'met' if ratio <= 1.05 else 'not met'}.** The per-round ratios (AliG and SGD "
+            f"timed back to back in each round) have quartiles {q1:.2f} and {q3:.2f}: on this "
+            "shared machine the round-to-round noise is wider than the 5 % being tested.",
             "",
             "| step | median ms | vs sgd | compiled MB (total) | temp MB |",
             "|---|---|---|---|---|",
