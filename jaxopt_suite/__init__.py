@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "alig": "jaxopt_suite.alig",
     "scale_by_alig": "jaxopt_suite.alig",
     "ScaleByAligState": "jaxopt_suite.alig",
+    "project_l2_ball": "jaxopt_suite.alig",
     # proximal operators, transformations, auto-sizing
     "prox": "jaxopt_suite.prox",
     "proximal": "jaxopt_suite.proximal",

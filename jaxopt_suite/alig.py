@@ -224,7 +224,9 @@ def scale_by_alig(
     (for a preconditioned :math:`d = P g` that would be :math:`\ell / g^\top d`).
 
     A non-finite ``value`` or update makes the output zero and leaves the state unchanged
-    except ``skipped``, which counts such steps.
+    except ``skipped``, which counts such steps. That protects this transformation only:
+    transformations before it in a chain (Adam's moments) have already taken in a non-finite
+    gradient, so guard the whole chain (e.g. ``optax.apply_if_finite``) or use :func:`alig`.
 
     Args:
       max_lr: the largest step size :math:`\eta_{\max}` (positive), or None for no clipping.
@@ -241,7 +243,7 @@ def scale_by_alig(
       TypeError: (from ``update``) ``value`` was not given.
 
     Example:
-      >>> import jax.numpy as jnp, optax
+      >>> import jax, jax.numpy as jnp, optax
       >>> from jaxopt_suite import scale_by_alig
       >>> tx = optax.chain(optax.scale_by_adam(), scale_by_alig(max_lr=1.0), optax.scale(-1.0))
       >>> params = {"w": jnp.array([1.0, -2.0])}
