@@ -358,6 +358,20 @@ def test_chain_after_adam_uses_adam_direction():
     np.testing.assert_allclose(updates["w"], -gamma * d, rtol=1e-5)
 
 
+def test_alig_inside_a_chain_gets_value():
+    """optax.chain forwards ``value=`` to alig; a transform before it changes its input."""
+    x, y, params = make_problem()
+    tx = optax.chain(optax.scale(0.5), alig(max_lr=0.3, momentum=0.8))
+    traj, _ = run_jax(tx, params, x, y, 10)
+    ref = NumpyAlig(params, max_lr=0.3, momentum=0.8)
+    np_params = params
+    for t in range(10):  # the reference, fed half the gradient
+        loss, grads = np_loss_and_grad(np_params, *batch(x, y, t))
+        np_params, _, _ = ref.step(np_params, loss, {k: 0.5 * g for k, g in grads.items()})
+    for k in params:
+        np.testing.assert_allclose(traj[-1][k], np_params[k], rtol=2e-4, atol=2e-5)
+
+
 def test_extra_arguments_are_ignored():
     x, y, params = make_problem()
     params = jax.tree.map(jnp.asarray, params)
