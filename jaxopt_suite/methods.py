@@ -65,6 +65,7 @@ def _baselines() -> list[Method]:
 _PROVIDERS: tuple[str, ...] = (
     # one line per module, e.g. "jaxopt_suite.alig",
     "jaxopt_suite.alig",
+    "jaxopt_suite.proxprop",
 )
 
 
