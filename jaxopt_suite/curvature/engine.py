@@ -82,7 +82,7 @@ def value_and_grad(
     loss_obj = losses.get(loss)
     if reduction not in losses.REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(losses.REDUCTIONS)}")
-    wanted = quantities_lib.get(tuple(quantities))
+    wanted = quantities_lib.get(quantities)
     if not isinstance(mc_samples, int | np.integer) or mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive integer; got {mc_samples!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int | np.integer) or chunk_size < 1):
@@ -129,6 +129,7 @@ def value_and_grad(
             columns["ggn_mc"] = np.sqrt(c / mc_samples) * draws
 
         owner = _owners(calls)
+        prepared = {i: layers.prepare(calls[i], x) for i, x in layer_inputs.items()}
         free = [i for i in range(len(leaves)) if i not in owner]
         results: dict[str, dict[str, list]] = {}
         for source, stats in needs.items():
@@ -144,7 +145,7 @@ def value_and_grad(
                 call = calls[call_index]
                 for s in stats:
                     per_leaf[s][i] = layers.layer_statistic(
-                        s, call, role, layer_inputs[call_index], layer_deltas[call_index]
+                        s, call, role, prepared[call_index], layer_deltas[call_index]
                     )
             if free:
                 fixed = list(leaves)

@@ -356,14 +356,23 @@ def conv_patches(x: jax.Array, config: ConvConfig, out_spatial: tuple[int, ...])
     return jnp.stack(slices, axis=-2)
 
 
-def conv_kernel(statistic: str, x: jax.Array, delta: jax.Array, config: ConvConfig) -> jax.Array:
+def prepare(call: LayerCall, x: jax.Array) -> jax.Array:
+    """What the kernel rule of ``call`` consumes, computed once per layer: the input itself
+    for Dense, the unfolded patches (N, P, prod(kernel), C_in) for Conv."""
+    if call.kind == "dense":
+        return x
+    patches = conv_patches(x, call.conv, call.output.shape[1:-1])
+    return patches.reshape(x.shape[0], -1, *patches.shape[-2:])
+
+
+def conv_kernel(
+    statistic: str, patches: jax.Array, delta: jax.Array, config: ConvConfig
+) -> jax.Array:
     """Statistic of a conv kernel (*kernel_spatial, C_in / G, C_out) from unfolded patches."""
     k, n = delta.shape[:2]
-    out_spatial = delta.shape[2:-1]
     groups = config.feature_group_count
-    patches = conv_patches(x, config, out_spatial)
-    c_in, c_out = x.shape[-1], delta.shape[-1]
-    s = patches.shape[-2]
+    s, c_in = patches.shape[-2:]
+    c_out = delta.shape[-1]
     patches = patches.reshape(n, -1, s, groups, c_in // groups)
     delta = delta.reshape(k, n, -1, groups, c_out // groups)
     grads = jnp.einsum("npsgc,knpgo->knscgo", patches, delta)
@@ -372,11 +381,12 @@ def conv_kernel(statistic: str, x: jax.Array, delta: jax.Array, config: ConvConf
 
 
 def layer_statistic(
-    statistic: str, call: LayerCall, role: str, x: jax.Array, delta: jax.Array
+    statistic: str, call: LayerCall, role: str, prepared: jax.Array, delta: jax.Array
 ) -> jax.Array:
-    """Dispatches to the rule of ``call.kind`` for the ``role`` (``"kernel"`` or ``"bias"``)."""
+    """Dispatches to the rule of ``call.kind`` for the ``role`` (``"kernel"`` or ``"bias"``);
+    ``prepared`` is :func:`prepare` of the layer input."""
     if role == "bias":
         return bias(statistic, delta)
     if call.kind == "dense":
-        return dense_kernel(statistic, x, delta)
-    return conv_kernel(statistic, x, delta, call.conv)
+        return dense_kernel(statistic, prepared, delta)
+    return conv_kernel(statistic, prepared, delta, call.conv)

@@ -23,7 +23,7 @@ Per parameter leaf:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -61,11 +61,11 @@ QUANTITIES: dict[str, Quantity] = {
 }
 
 
-def get(names: tuple[str, ...]) -> dict[str, Quantity]:
+def get(names: Sequence[str]) -> dict[str, Quantity]:
     """Looks quantities up; an unknown name raises a ValueError listing the valid ones."""
     if isinstance(names, str):
         raise TypeError(f"quantities must be a sequence of names, not the string {names!r}")
     unknown = [n for n in names if n not in QUANTITIES]
     if unknown:
         raise ValueError(f"unknown quantities {unknown}; valid names: {', '.join(QUANTITIES)}")
-    return {n: QUANTITIES[n] for n in names}
+    return {n: QUANTITIES[n] for n in tuple(names)}

@@ -1,0 +1,417 @@
+"""curvature.value_and_grad against brute force: per-sample loops with jax.grad, GGN diagonals
+from jax.jacrev of the model and jax.hessian of an independently written loss."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+from jaxopt_suite import curvature
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+EXACT = (
+    "grad_batch",
+    "batch_l2",
+    "sum_grad_squared",
+    "variance",
+    "diag_ggn_exact",
+    "diag_ggn_exact_batch",
+)
+
+
+# --- independent per-sample losses (one sample: output without the batch axis) --------------
+
+
+def ce_one(out, y):  # out (..., C), y (...) ints: sum over positions
+    return jnp.sum(
+        jax.nn.logsumexp(out, axis=-1) - jnp.take_along_axis(out, y[..., None], -1)[..., 0]
+    )
+
+
+def mse_one(out, y):
+    return jnp.sum((out - y) ** 2)
+
+
+def bce_one(out, y):
+    p = jax.nn.sigmoid(out)
+    return -jnp.sum(y * jnp.log(p) + (1 - y) * jnp.log1p(-p))
+
+
+def huber_one(out, y):  # a user's loss, strictly convex
+    r = out - y
+    return jnp.sum(jnp.sqrt(1.0 + r**2) - 1.0 + 0.1 * r**2)
+
+
+ONE = {"cross_entropy": ce_one, "mse": mse_one, "bce_with_logits": bce_one}
+
+
+def norm_count(loss, out_shape):
+    """How many terms PyTorch's mean divides by."""
+    if loss == "cross_entropy":
+        return int(np.prod(out_shape[:-1]))
+    if loss in ("mse", "bce_with_logits"):
+        return int(np.prod(out_shape))
+    return out_shape[0]
+
+
+def brute_force(apply_fn, params, x, y, loss, reduction):
+    """Every exact quantity by a loop over samples, in one jitted function."""
+    one = ONE.get(loss, loss)
+
+    @jax.jit
+    def run(params, x, y):
+        flat, unravel = ravel_pytree(params)
+        out = apply_fn(params, x)
+        n = out.shape[0]
+        c = 1.0 / norm_count(loss, out.shape) if reduction == "mean" else 1.0
+        f_one = lambda v, xi: apply_fn(unravel(v), xi[None])[0]
+
+        def sample(xy):  # one sample: gradient, GGN diagonal, loss term
+            xi, yi = xy
+            grad = jax.grad(lambda v: c * one(f_one(v, xi), yi))(flat)
+            jac = jax.jacrev(f_one)(flat, xi).reshape(-1, flat.size)  # (D, P)
+            hess = jax.hessian(lambda o: c * one(o, yi))(f_one(flat, xi))
+            hess = hess.reshape(jac.shape[0], -1)
+            return grad, jnp.einsum("dp,de,ep->p", jac, hess, jac), c * one(f_one(flat, xi), yi)
+
+        grads, ggn_batch, values = jax.lax.map(sample, (x, y))  # a loop over samples
+        value = values.sum()
+        total = grads.sum(0)
+        batch = lambda a: jax.vmap(unravel)(a)
+        sgs = (grads**2).sum(0)
+        return (
+            value,
+            unravel(total),
+            {
+                "grad_batch": batch(grads),
+                "batch_l2": jax.tree.map(lambda g: jnp.sum(g.reshape(n, -1) ** 2, 1), batch(grads)),
+                "sum_grad_squared": unravel(sgs),
+                "variance": unravel(sgs / n - (total / n) ** 2),
+                "diag_ggn_exact": unravel(ggn_batch.sum(0)),
+                "diag_ggn_exact_batch": batch(ggn_batch),
+            },
+        )
+
+    return run(params, x, y)
+
+
+def assert_tree_close(a, b, **tol):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), **(tol or TOL))
+
+
+def check_all(apply_fn, params, x, y, loss, reduction="mean", expect=None, generic=False, **kw):
+    """The structured path (and the generic one when ``generic``) against brute force, for
+    every exact quantity."""
+    want_value, want_grad, want = brute_force(apply_fn, params, x, y, loss, reduction)
+    if expect is not None:
+        kinds = jax.tree.leaves(curvature.coverage(apply_fn, params, x))
+        assert sorted(set(kinds)) == sorted(expect), kinds
+    for structured in (True, False) if generic else (True,):
+        fn = curvature.value_and_grad(
+            apply_fn, loss=loss, reduction=reduction, quantities=EXACT, structured=structured, **kw
+        )
+        value, grads, extras = jax.jit(fn)(params, x, y)
+        np.testing.assert_allclose(value, want_value, **TOL)
+        assert_tree_close(grads, want_grad)
+        for name in EXACT:
+            assert_tree_close(extras[name], want[name])
+
+
+def linen_apply(model):
+    return lambda p, x: model.apply({"params": p}, x)
+
+
+def init(model, x, seed=0):
+    """Parameters shaped by ``model.init`` but drawn with numpy (flax's initializers take
+    seconds to compile, which would dominate these tiny tests)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(seed), x)["params"]
+    return random_like(shapes, seed)
+
+
+def random_like(tree, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 4
+        return jnp.asarray(rng.normal(0.0, fan_in**-0.5, leaf.shape), leaf.dtype)
+
+    return jax.tree.map(draw, tree)
+
+
+def rand(shape, seed=1):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def labels(shape, classes, seed=2):
+    return jax.random.randint(jax.random.key(seed), shape, 0, classes)
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.tanh(nn.Dense(4)(x)))
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(3, (3, 3), padding="SAME")(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.tanh(nn.Conv(4, (2, 2), strides=(2, 1), padding=((1, 0), (0, 1)), use_bias=False)(x))
+        x = nn.avg_pool(x, (1, 2))
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+class Sequence(nn.Module):
+    """Dense over a sequence axis (N, T, d), then per-position or pooled outputs."""
+
+    per_position: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.tanh(nn.Dense(4)(x))
+        out = nn.Dense(3)(h)
+        return out if self.per_position else out.sum(axis=1)
+
+
+class Mixed(nn.Module):
+    """A covered Dense, an uncovered LayerNorm and a hand-made parameter."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm()(nn.Dense(4)(x))
+        scale = self.param("scale", nn.initializers.ones, (4,))
+        return nn.Dense(3)(jnp.tanh(h * scale))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce_with_logits"])
+def test_mlp_every_loss(loss, reduction):
+    x = rand((4, 3))
+    if loss == "cross_entropy":
+        y = labels((4,), 3)
+    elif loss == "mse":
+        y = rand((4, 3), seed=5)
+    else:
+        y = jax.random.bernoulli(jax.random.key(5), 0.4, (4, 3)).astype(jnp.float32)
+    model = MLP()
+    check_all(linen_apply(model), init(model, x), x, y, loss, reduction, expect=["dense"])
+
+
+def test_callable_loss_uses_hessian_square_root():
+    x, y = rand((3, 3)), rand((3, 3), seed=7)
+    model = MLP()
+    params = init(model, x)
+    check_all(linen_apply(model), params, x, y, huber_one, "mean")
+    check_all(linen_apply(model), params, x, y, huber_one, "sum", generic=True)
+
+
+def test_cnn_with_pooling():
+    x, y = rand((3, 6, 6, 2)), labels((3,), 3)
+    model = CNN()
+    check_all(
+        linen_apply(model),
+        init(model, x),
+        x,
+        y,
+        "cross_entropy",
+        expect=["conv", "dense"],
+        generic=True,
+    )
+
+
+class ConvZoo(nn.Module):
+    """Convolutions of every kind side by side (one model keeps the test cheap to compile)."""
+
+    @nn.compact
+    def __call__(self, x):  # x (N, 5, 5, 4)
+        n = x.shape[0]
+        seq, vol = x.reshape(n, 25, 4)[:, :7], x.reshape(n, 5, 5, 2, 2)
+        branches = [
+            nn.Conv(4, (3,), strides=(2,), padding="SAME")(seq),
+            nn.Conv(4, (2,), kernel_dilation=(2,), padding="CIRCULAR")(seq),
+            nn.Conv(4, (3,), input_dilation=(2,), padding=((2, 1),), use_bias=False)(seq),
+            nn.Conv(6, (2,), feature_group_count=2, padding="VALID")(seq),
+            nn.Conv(2, (2, 2, 2), strides=(1, 2, 1), padding="SAME")(vol),
+            nn.Conv(4, (3, 2), kernel_dilation=(1, 2), strides=2, padding="SAME")(x),
+        ]
+        h = jnp.concatenate([jnp.tanh(b).reshape(n, -1) for b in branches], axis=1)
+        return nn.Dense(2)(h)
+
+
+def test_conv_strides_padding_dilation_groups_1d_2d_3d():
+    x, y = rand((2, 5, 5, 4)), labels((2,), 2)
+    model = ConvZoo()
+    check_all(linen_apply(model), init(model, x), x, y, "cross_entropy", expect=["conv", "dense"])
+
+
+@pytest.mark.parametrize("per_position", [True, False])
+def test_dense_over_sequence_axis(per_position):
+    x = rand((3, 4, 2))
+    y = labels((3, 4) if per_position else (3,), 3)
+    model = Sequence(per_position=per_position)
+    check_all(linen_apply(model), init(model, x), x, y, "cross_entropy", expect=["dense"])
+
+
+def test_sequence_mse_sum():
+    x, y = rand((2, 3, 2)), rand((2, 3, 3), seed=3)
+    model = Sequence()
+    check_all(linen_apply(model), init(model, x), x, y, "mse", "sum")
+
+
+def test_mixed_covered_and_uncovered_layers():
+    x, y = rand((4, 3)), labels((4,), 3)
+    model = Mixed()
+    params = init(model, x)
+    kinds = curvature.coverage(linen_apply(model), params, x)
+    assert kinds["LayerNorm_0"]["scale"] == "generic" and kinds["scale"] == "generic"
+    assert kinds["Dense_0"]["kernel"] == "dense"
+    check_all(linen_apply(model), params, x, y, "cross_entropy", generic=True, chunk_size=3)
+
+
+def test_shared_layer_falls_back_to_generic():
+    class Shared(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            dense = nn.Dense(3)
+            return dense(jnp.tanh(dense(x)))
+
+    x, y = rand((3, 3)), labels((3,), 3)
+    model = Shared()
+    params = init(model, x)
+    assert set(jax.tree.leaves(curvature.coverage(linen_apply(model), params, x))) == {"generic"}
+    check_all(linen_apply(model), params, x, y, "cross_entropy")
+
+
+def test_nnx_model():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(2, 3, (3, 3), strides=2, rngs=rngs)
+            self.linear = nnx.Linear(27, 3, rngs=rngs)
+
+        def __call__(self, x):
+            h = nnx.relu(self.conv(x))
+            return self.linear(h.reshape(h.shape[0], -1))
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Net(nnx.Rngs(0))))
+    state = random_like(state)
+    apply_fn = lambda s, x: nnx.merge(graphdef, s)(x)
+    x, y = rand((3, 5, 5, 2)), labels((3,), 3)
+    check_all(apply_fn, state, x, y, "cross_entropy", expect=["conv", "dense"])
+
+
+def test_hand_written_function():
+    params = {"w": rand((3, 2)), "b": rand((2,), seed=4)}
+    apply_fn = lambda p, x: jnp.sin(x @ p["w"]) + p["b"]
+    x, y = rand((4, 3)), rand((4, 2), seed=6)
+    assert set(jax.tree.leaves(curvature.coverage(apply_fn, params, x))) == {"generic"}
+    check_all(apply_fn, params, x, y, "mse", generic=True)
+
+
+# --- Monte Carlo --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse", "bce_with_logits", "callable"])
+def test_mc_converges_to_exact(loss):
+    x = rand((3, 3))
+    y = {
+        "cross_entropy": labels((3,), 3),
+        "mse": rand((3, 3), seed=5),
+        "bce_with_logits": jnp.ones((3, 3)) * 0.5,
+        "callable": rand((3, 3), seed=5),
+    }[loss]
+    model = MLP()
+    params = init(model, x)
+    fn = curvature.value_and_grad(
+        linen_apply(model),
+        loss=huber_one if loss == "callable" else loss,
+        quantities=("diag_ggn_exact", "diag_ggn_mc", "diag_ggn_exact_batch", "diag_ggn_mc_batch"),
+        mc_samples=20000,
+    )
+    _, _, extras = jax.jit(fn)(params, x, y, key=jax.random.key(0))
+    for exact, mc in [
+        ("diag_ggn_exact", "diag_ggn_mc"),
+        ("diag_ggn_exact_batch", "diag_ggn_mc_batch"),
+    ]:
+        for e, m in zip(jax.tree.leaves(extras[exact]), jax.tree.leaves(extras[mc]), strict=True):
+            scale = float(jnp.max(jnp.abs(e))) + 1e-12
+            np.testing.assert_allclose(m / scale, e / scale, atol=0.05)
+
+
+def test_mc_structured_equals_generic_with_same_key():
+    x, y = rand((4, 6, 6, 2)), labels((4,), 3)
+    model = CNN()
+    params = init(model, x)
+    out = []
+    for structured in (True, False):
+        fn = curvature.value_and_grad(
+            linen_apply(model),
+            loss="cross_entropy",
+            quantities=("diag_ggn_mc", "diag_ggn_mc_batch"),
+            mc_samples=3,
+            structured=structured,
+        )
+        out.append(jax.jit(fn)(params, x, y, key=jax.random.key(4))[2])
+    assert_tree_close(out[0], out[1])
+
+
+# --- the contract -------------------------------------------------------------------------
+
+
+def test_grads_equal_jax_grad_and_jit_does_not_retrace():
+    x, y = rand((4, 3)), labels((4,), 3)
+    model = MLP()
+    params = init(model, x)
+    traces = []
+
+    def apply_fn(p, x):
+        traces.append(1)
+        return model.apply({"params": p}, x)
+
+    fn = jax.jit(curvature.value_and_grad(apply_fn, loss="cross_entropy", quantities=("batch_l2",)))
+    value, grads, extras = fn(params, x, y)
+    ref_loss = lambda p: jnp.mean(jax.vmap(ce_one)(model.apply({"params": p}, x), y))
+    want_value, want_grads = jax.value_and_grad(ref_loss)(params)
+    np.testing.assert_allclose(value, want_value, **TOL)
+    assert_tree_close(grads, want_grads)
+    assert extras["batch_l2"]["Dense_0"]["kernel"].shape == (4,)
+    count = len(traces)
+    fn(params, x + 1.0, y)
+    assert len(traces) == count
+
+
+def test_bad_input_errors_name_the_argument():
+    model = MLP()
+    x, y = rand((4, 3)), labels((4,), 3)
+    params = init(model, x)
+    apply_fn = linen_apply(model)
+    with pytest.raises(ValueError, match=r"unknown quantities.*valid names: grad_batch"):
+        curvature.value_and_grad(apply_fn, loss="mse", quantities=("diag_h_typo",))
+    with pytest.raises(ValueError, match=r"unknown loss 'nll'.*cross_entropy"):
+        curvature.value_and_grad(apply_fn, loss="nll")
+    with pytest.raises(ValueError, match="reduction"):
+        curvature.value_and_grad(apply_fn, loss="mse", reduction="none")
+    with pytest.raises(ValueError, match="mc_samples"):
+        curvature.value_and_grad(apply_fn, loss="mse", mc_samples=0)
+    with pytest.raises(TypeError, match="quantities"):
+        curvature.value_and_grad(apply_fn, loss="mse", quantities="batch_l2")
+    fn = curvature.value_and_grad(apply_fn, loss="cross_entropy", quantities=("diag_ggn_mc",))
+    with pytest.raises(ValueError, match="key="):
+        fn(params, x, y)
+    fn = curvature.value_and_grad(apply_fn, loss="cross_entropy")
+    with pytest.raises(ValueError, match="integer class labels"):
+        fn(params, x, x)
+    with pytest.raises(ValueError, match="targets of the outputs' shape"):
+        curvature.value_and_grad(apply_fn, loss="mse")(params, x, y)
+    with pytest.raises(ValueError, match="per-sample"):
+        curvature.value_and_grad(apply_fn, loss=lambda o, t: o - t)(params, x, x)
