@@ -42,6 +42,8 @@ _EXPORTS: dict[str, str] = {
     # curvature (BackPACK)
     "curvature": "jaxopt_suite.curvature",
     "precondition": "jaxopt_suite.precondition",
+    "scale_by_diagonal_curvature": "jaxopt_suite.precondition",
+    "diag_ggn_sgd": "jaxopt_suite.precondition",
     "kronecker": "jaxopt_suite.kronecker",
     # forward gradient
     "forward_grad": "jaxopt_suite.fwdgrad",

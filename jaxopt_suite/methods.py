@@ -66,6 +66,7 @@ _PROVIDERS: tuple[str, ...] = (
     # one line per module, e.g. "jaxopt_suite.alig",
     "jaxopt_suite.alig",
     "jaxopt_suite.proxprop",
+    "jaxopt_suite.precondition",
 )
 
 

@@ -1,0 +1,162 @@
+r"""Diagonal preconditioning by a curvature estimate, fed by :mod:`jaxopt_suite.curvature`.
+
+:func:`scale_by_diagonal_curvature` divides the updates by a curvature diagonal plus damping,
+
+.. math::
+   u \leftarrow \frac{u}{D + \lambda},
+
+where :math:`D` (a pytree like the updates, e.g. ``extras["diag_ggn_mc"]``) arrives as the
+keyword argument ``curvature`` of ``update``. :func:`diag_ggn_sgd` is BackPACK's example
+optimizer, :math:`\theta \leftarrow \theta - \alpha\, g / (\mathrm{diag\_ggn\_mc} + \lambda)`,
+and :func:`curvature_gradient` is the :data:`jaxopt_suite.train.GradientFn` that computes the
+gradient and the curvature in one pass and hands both to the transformation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxopt_suite import curvature as curvature_lib
+from jaxopt_suite import methods, train
+
+PyTree = Any
+
+
+class ScaleByDiagonalCurvatureState(NamedTuple):
+    """Stateless: the curvature comes with every ``update`` call."""
+
+
+def scale_by_diagonal_curvature(
+    damping: float | jax.Array = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Divides the updates by ``curvature + damping`` elementwise.
+
+    .. math::
+       u_i \leftarrow \frac{u_i}{D_i + \lambda}
+
+    Args:
+      damping: :math:`\lambda > 0`, added to the curvature (may be a traced array, e.g. under
+        ``optax.inject_hyperparams``).
+
+    Returns:
+      An optax transformation whose ``update(updates, state, params=None, *, curvature)``
+      requires ``curvature``, a pytree with the structure and shapes of ``updates`` (other extra
+      keyword arguments are ignored).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tx = scale_by_diagonal_curvature(damping=1.0)
+      >>> g = {"w": jnp.array([2.0, 3.0])}
+      >>> u, _ = tx.update(g, tx.init(g), curvature={"w": jnp.array([1.0, 2.0])})
+      >>> u["w"]
+      Array([1., 1.], dtype=float32)
+    """
+    if isinstance(damping, int | float) and not damping > 0:
+        raise ValueError(f"damping must be positive (it keeps the division finite); got {damping}")
+
+    def init_fn(params: PyTree) -> ScaleByDiagonalCurvatureState:
+        del params
+        return ScaleByDiagonalCurvatureState()
+
+    def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+        del params, extra_args
+        if curvature is None:
+            raise TypeError(
+                "scale_by_diagonal_curvature needs the keyword argument curvature= (a pytree "
+                "like the updates, e.g. extras['diag_ggn_mc'] from curvature.value_and_grad)"
+            )
+        if jax.tree.structure(curvature) != jax.tree.structure(updates):
+            raise ValueError(
+                "curvature must have the structure of the updates; got "
+                f"{jax.tree.structure(curvature)} for updates {jax.tree.structure(updates)}"
+            )
+        scaled = jax.tree.map(
+            lambda u, d: (u / (d + jnp.asarray(damping, d.dtype))).astype(u.dtype),
+            updates,
+            curvature,
+        )
+        return scaled, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def diag_ggn_sgd(
+    learning_rate: optax.ScalarOrSchedule, damping: float | jax.Array = 1.0
+) -> optax.GradientTransformationExtraArgs:
+    r"""SGD preconditioned by a GGN diagonal (BackPACK's DiagGGN example).
+
+    .. math::
+       \theta \leftarrow \theta - \alpha \frac{g}{\mathrm{diag}(G) + \lambda}
+
+    Args:
+      learning_rate: :math:`\alpha`, a scalar or a schedule.
+      damping: :math:`\lambda > 0`.
+
+    Returns:
+      ``optax.chain(scale_by_diagonal_curvature(damping), scale_by_learning_rate(lr))``; pass
+      the diagonal as ``update(..., curvature=extras["diag_ggn_mc"])``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> tx = diag_ggn_sgd(0.5, damping=1.0)
+      >>> p = {"w": jnp.array([1.0])}
+      >>> u, _ = tx.update(p, tx.init(p), p, curvature={"w": jnp.array([1.0])})
+      >>> u["w"]
+      Array([-0.25], dtype=float32)
+    """
+    return optax.chain(
+        scale_by_diagonal_curvature(damping), optax.scale_by_learning_rate(learning_rate)
+    )
+
+
+def curvature_gradient(
+    quantity: str = "diag_ggn_mc", *, mc_samples: int = 1, **options: Any
+) -> train.GradientFn:
+    """A :data:`jaxopt_suite.train.GradientFn` passing ``value=`` and ``curvature=`` to ``tx``.
+
+    Args:
+      quantity: the diagonal to hand over (``"diag_ggn_mc"``, ``"diag_ggn_exact"``,
+        ``"sum_grad_squared"``, ``"variance"``: any quantity shaped like the parameters).
+      mc_samples: MC samples of the ``*_mc`` quantities.
+      **options: further arguments of :func:`jaxopt_suite.curvature.value_and_grad`
+        (``chunk_size``, ``structured``).
+
+    Returns:
+      ``gradient(problem, params, batch, key) -> (value, grads, {"value", "curvature"})``.
+    """
+    per_parameter = {"diag_ggn_mc", "diag_ggn_exact", "sum_grad_squared", "variance"}
+    if quantity not in per_parameter:
+        raise ValueError(
+            f"quantity must be one of {sorted(per_parameter)} (shaped like the parameters); "
+            f"got {quantity!r}"
+        )
+
+    def gradient(problem: train.Problem, params: PyTree, batch: train.Batch, key: jax.Array):
+        fn = curvature_lib.value_and_grad(
+            problem.apply_fn,
+            loss=problem.loss,
+            quantities=(quantity,),
+            mc_samples=mc_samples,
+            **options,
+        )
+        value, grads, extras = fn(params, *batch, key=key)
+        return value, grads, {"value": value, "curvature": extras[quantity]}
+
+    return gradient
+
+
+def compare_methods() -> list[methods.Method]:
+    """``diag-ggn-mc``: BackPACK's example, SGD lr 0.01 preconditioned by diag GGN-MC + 1."""
+    return [
+        methods.Method(
+            "diag-ggn-mc",
+            "SGD lr 0.01 / (diag GGN-MC + 1) (BackPACK example)",
+            lambda cfg: methods.Setup(
+                tx=diag_ggn_sgd(0.01, damping=1.0), gradient=curvature_gradient("diag_ggn_mc")
+            ),
+        )
+    ]
