@@ -135,15 +135,17 @@ def _group_prox(
 ) -> tuple[jax.Array, jax.Array | None]:
     """The grouped prox of one layer: group j is ``kernel[..., j]`` together with ``bias[j]``."""
     cd = prox._compute_dtype(kernel.dtype)
-    columns = kernel.reshape(-1, kernel.shape[-1]).astype(cd)
+    # Columns of the kernel and the bias as a row: never concatenated, the reductions add up.
+    parts = [kernel.reshape(-1, kernel.shape[-1]).astype(cd)]
     if bias is not None:
-        columns = jnp.concatenate([columns, bias.astype(cd)[None]], axis=0)
+        parts.append(bias.astype(cd)[None])
     t = t.astype(cd)
     if norm == "l21":
-        scale = prox.l2_shrinkage(prox.safe_norm(jnp.sum(jnp.square(columns), axis=0)), t)
+        sum_of_squares = sum(prox.column_sum(jnp.square(p)) for p in parts)
+        scale = prox.l2_shrinkage(prox.safe_norm(sum_of_squares), t)
         apply = lambda x: (x * scale).astype(x.dtype)
     else:
-        theta = prox.l1_ball_threshold(jnp.abs(columns), t, axis=0)[0]
+        theta = prox.l1_ball_threshold([jnp.abs(p) for p in parts], t)
         apply = lambda x: jnp.clip(x, -theta, theta).astype(x.dtype)
     return apply(kernel), None if bias is None else apply(bias)
 
