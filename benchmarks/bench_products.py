@@ -248,6 +248,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         vals = [bp[n]["ratio"] if n in bp else np.nan for n in names]
         ax.bar(pos + 0.2, vals, 0.4, label="BackPACK / torch grad")
     ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
     ax.set_xticks(pos, names, rotation=30, ha="right")
     ax.set_ylabel("time / gradient time")
     ax.set_title(f"{result['model']}, N = {result['batch_size']} ({jax.default_backend()})")
