@@ -27,6 +27,7 @@ from jaxopt_suite.proxprop import (
     proxprop_dense,
     proxprop_module,
 )
+from jaxopt_suite.proxprop.solvers import spd_solve
 
 RTOL, ATOL = 2e-4, 1e-6
 
@@ -157,6 +158,19 @@ def test_nonlinear_layer_is_rejected_at_init(cls):
 def test_proxprop_module_rejects_non_modules():
     with pytest.raises(TypeError, match="module_cls"):
         proxprop_module(lambda x: x)
+
+
+# ---------------------------------------------------------------- solvers
+
+
+@pytest.mark.parametrize("n, block", [(5, 64), (70, 32), (40, 16)])
+def test_spd_solve_matches_numpy(n, block):
+    x = np.random.default_rng(n).standard_normal((n, n // 2 + 1))
+    m = x @ x.T + 0.1 * np.eye(n)  # rank-deficient Gram plus damping, as in ProxProp
+    rhs = np.random.default_rng(1).standard_normal((n, 3))
+    expected = np.linalg.solve(m, rhs)
+    got = jax.jit(spd_solve, static_argnums=2)(jnp.asarray(m, jnp.float32), jnp.asarray(rhs), block)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
 
 
 # ---------------------------------------------------------------- Dense maths

@@ -180,12 +180,91 @@ def cg_solve(
     return _axpy(jnp.where(converged(rr), 0, alpha), p, d)
 
 
+def _unblocked_cholesky(a: jax.Array) -> jax.Array:
+    """Lower Cholesky factor of a small SPD block, one column per iteration (left-looking)."""
+    idx = jnp.arange(a.shape[0])
+
+    def body(k, low):
+        done = jnp.where(idx[None, :] < k, low, 0)
+        v = a[:, k] - done @ done[k]
+        return low.at[:, k].set(jnp.where(idx >= k, v, 0) / jnp.sqrt(v[k]))
+
+    return jax.lax.fori_loop(0, a.shape[0], body, jnp.zeros_like(a))
+
+
+def _lower_inverse(low: jax.Array) -> jax.Array:
+    """Inverse of a small lower-triangular block by forward substitution on the identity."""
+    idx = jnp.arange(low.shape[0])
+    eye = jnp.eye(low.shape[0], dtype=low.dtype)
+
+    def body(k, inv):
+        row = (eye[k] - low[k] @ jnp.where(idx[:, None] < k, inv, 0)) / low[k, k]
+        return inv.at[k].set(row)
+
+    return jax.lax.fori_loop(0, low.shape[0], body, jnp.zeros_like(low))
+
+
+def spd_solve(matrix: jax.Array, rhs: jax.Array, block: int = 64) -> jax.Array:
+    """Solves :math:`M X = B` for a symmetric positive definite :math:`M` by a blocked
+    Cholesky factorisation :math:`M = L L^\top` written in XLA operations.
+
+    Right-looking blocked Cholesky; the off-diagonal panels and both substitutions use the
+    inverses of the small diagonal blocks, so almost all the work is matrix products. It avoids
+    LAPACK on purpose: on CPU jaxlib calls scipy's OpenBLAS, whose threads contend with XLA's
+    on a small shared machine (measured 4-20x slower there); accuracy matches LAPACK's.
+
+    Args:
+      matrix: ``(n, n)``, symmetric positive definite.
+      rhs: ``(n, k)``.
+      block: the block size (static).
+
+    Returns:
+      ``X``, ``(n, k)``.
+    """
+    n = matrix.shape[0]
+    block = min(block, n)
+    count = -(-n // block)
+    size = count * block
+    if size != n:  # pad with an identity block
+        pad = size - n
+        matrix = jnp.block(
+            [
+                [matrix, jnp.zeros((n, pad), matrix.dtype)],
+                [jnp.zeros((pad, n), matrix.dtype), jnp.eye(pad, dtype=matrix.dtype)],
+            ]
+        )
+        rhs = jnp.concatenate([rhs, jnp.zeros((pad, rhs.shape[1]), rhs.dtype)])
+    low = jnp.zeros_like(matrix)
+    inverses = []
+    for j in range(count):
+        start, stop = j * block, (j + 1) * block
+        left = low[start:, :start]
+        panel = matrix[start:, start:stop] - left @ left[:block].T
+        diag = _unblocked_cholesky(panel[:block])
+        inverses.append(_lower_inverse(diag))
+        low = low.at[start:stop, start:stop].set(diag)
+        low = low.at[stop:, start:stop].set(panel[block:] @ inverses[j].T)
+    ys: list[jax.Array] = []  # L Y = B
+    for j in range(count):
+        start, stop = j * block, (j + 1) * block
+        r = rhs[start:stop]
+        if j:
+            r = r - low[start:stop, :start] @ jnp.concatenate(ys)
+        ys.append(inverses[j] @ r)
+    xs: list[jax.Array] = []  # L^T X = Y, from the last block up
+    for j in reversed(range(count)):
+        start, stop = j * block, (j + 1) * block
+        r = ys[j]
+        if xs:
+            r = r - low[stop:, start:stop].T @ jnp.concatenate(xs)
+        xs.insert(0, inverses[j].T @ r)
+    return jnp.concatenate(xs)[:n]
+
+
 def damped_solve(gram: jax.Array, beta: jax.Array, rhs: jax.Array) -> jax.Array:
     """Solves :math:`(G + \\beta I) X = B` for a symmetric positive semi-definite Gram matrix
-    :math:`G` by a Cholesky factorisation (all columns of ``rhs`` at once)."""
-    system = gram + beta * jnp.eye(gram.shape[0], dtype=gram.dtype)
-    factor = jax.scipy.linalg.cho_factor(system, lower=True)
-    return jax.scipy.linalg.cho_solve(factor, rhs)
+    :math:`G` (all columns of ``rhs`` at once), by :func:`spd_solve`."""
+    return spd_solve(gram + beta * jnp.eye(gram.shape[0], dtype=gram.dtype), rhs)
 
 
 def dense_exact(
