@@ -1,0 +1,261 @@
+"""Forward gradient against backprop: step time, compiled memory, and training on MNIST.
+
+``speed``: one training step (``train.make_step``: loss, direction, SGD update, non-finite
+guard) for backprop and for forward gradients with each kind of direction, timed side by side
+(interleaved, median of repeats, after compilation) on the seed's MLP 784-1024-1024-10 at
+N = 64 and N = 1024 and on the seed's CNN at N = 64. The goal of issue 7: forward-gradient step
+<= 0.6x the backprop step, compiled memory <= backprop's.
+
+``train``: MNIST, batch 64, the same steps and batches for every run: SGD with the seed's
+schedule lr * exp(-1e-4 step), and Adam; backprop vs forward gradient (K = 1 and K = 4).
+Test accuracy and loss per step and per second of training.
+
+    flock /tmp/jaxopt_bench.lock .venv/bin/python -m benchmarks.bench_fwdgrad speed
+    .venv/bin/python -m benchmarks.bench_fwdgrad train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxopt_suite import benchmarking, fwdgrad, train, zoo
+from jaxopt_suite import data as data_lib
+
+RESULTS = Path(__file__).parent / "results" / "fwdgrad"
+
+# name -> (distribution, structure, num_directions, key implementation)
+ESTIMATORS = {
+    "fwd normal dense (paper)": ("normal", "dense", 1, "threefry2x32"),
+    "fwd normal dense, rbg key": ("normal", "dense", 1, "rbg"),
+    "fwd rademacher dense": ("rademacher", "dense", 1, "threefry2x32"),
+    "fwd normal rank-one": ("normal", "rank_one", 1, "threefry2x32"),
+    "fwd rademacher rank-one": ("rademacher", "rank_one", 1, "threefry2x32"),
+    "fwd rademacher rank-one K=4": ("rademacher", "rank_one", 4, "threefry2x32"),
+}
+
+
+def _problem(model_name: str):
+    model = zoo.make_model(model_name)
+    params = zoo.init_params(model, jax.random.key(0))
+    return train.Problem(lambda p, x: model.apply({"params": p}, x)), params
+
+
+def _forward_tx(distribution, structure, k, impl, optimizer, seed=1, batching="vmap"):
+    key = jax.random.key(seed, impl=impl)
+    return optax.chain(
+        fwdgrad.forward_gradient(
+            key, num_directions=k, distribution=distribution, structure=structure, batching=batching
+        ),
+        optimizer,
+    )
+
+
+def speed(args: argparse.Namespace) -> dict:
+    results = {}
+    for model_name, batch in args.cases:
+        problem, params = _problem(model_name)
+        rng = np.random.default_rng(0)
+        images = jnp.asarray(rng.integers(0, 256, (batch, 28, 28), dtype=np.uint8))
+        labels = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+        setups = {"backprop": (optax.sgd(1e-3), train.backprop)}
+        for name, (dist, structure, k, impl) in ESTIMATORS.items():
+            if name in args.estimators:
+                tx = _forward_tx(dist, structure, k, impl, optax.sgd(1e-3))
+                setups[name] = (tx, fwdgrad.value_fn_gradient)
+        if "fwd rademacher rank-one K=4" in args.estimators:
+            tx = _forward_tx(
+                "rademacher", "rank_one", 4, "threefry2x32", optax.sgd(1e-3), batching="scan"
+            )
+            setups["fwd rademacher rank-one K=4 scan"] = (tx, fwdgrad.value_fn_gradient)
+        fns = {}
+        for name, (tx, gradient) in setups.items():
+            step = jax.jit(train.make_step(problem, tx, gradient))
+            state = train.init_state(params, tx, jax.random.key(2))
+            fns[name] = (step, (state, images, labels))
+        timings = benchmarking.time_interleaved(
+            fns, baseline="backprop", repeats=args.repeats, number=args.number
+        )
+        case = f"{model_name} N={batch}"
+        results[case] = {name: t._asdict() for name, t in timings.items()}
+        print(f"\n{case}")
+        for name, t in timings.items():
+            print(
+                f"  {name:34s} {t.median * 1e3:9.2f} ms  {t.ratio:5.2f}x  "
+                f"memory {t.memory['total'] / 2**20:7.1f} MB"
+            )
+    return results
+
+
+def _train_runs(args: argparse.Namespace):
+    """name -> (optimizer factory, estimator or None for backprop)."""
+    decay = fwdgrad.sgd_decay
+    runs = {
+        "backprop SGD": (lambda: optax.sgd(decay(args.lr_backprop)), None),
+        "backprop Adam": (lambda: optax.adam(args.adam_lr_backprop), None),
+        "fwd SGD K=1": (lambda: optax.sgd(decay(args.lr_forward)), 1),
+        "fwd SGD K=4": (lambda: optax.sgd(decay(args.lr_forward)), 4),
+        "fwd Adam K=1": (lambda: optax.adam(args.adam_lr_forward), 1),
+    }
+    return {k: v for k, v in runs.items() if k in args.runs}
+
+
+def training(args: argparse.Namespace) -> dict:
+    dataset = data_lib.load(args.dataset)
+    results = {}
+    for model_name in args.models:
+        problem, params = _problem(model_name)
+        evaluate = train.make_evaluate(problem)
+        steps = args.steps if model_name == "mlp" else args.cnn_steps
+        for name, (optimizer, k) in _train_runs(args).items():
+            if k is None:
+                tx, gradient = optimizer(), train.backprop
+            else:
+                tx = _forward_tx("rademacher", "rank_one", k, "threefry2x32", optimizer())
+                gradient = fwdgrad.value_fn_gradient
+            step = train.jit_step(train.make_step(problem, tx, gradient))
+            # a fresh copy: the jitted step donates (deletes) the parameters it is given
+            state = train.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(2))
+            start = time.perf_counter()
+            state, history = train.fit(
+                step,
+                state,
+                dataset,
+                steps=steps,
+                batch_size=args.batch_size,
+                key=jax.random.key(3),
+                evaluate=evaluate,
+                num_evals=args.num_evals,
+            )
+            total = time.perf_counter() - start
+            h = history._asdict()
+            results[f"{model_name} / {name}"] = h
+            print(
+                f"{model_name:12s} {name:16s} steps {steps:5d} test acc "
+                f"{history.test_accuracy[-1]:.4f} test loss {history.test_loss[-1]:.4f} "
+                f"train {history.wall[-1]:6.1f} s (total {total:5.1f} s) "
+                f"median step {np.median(history.step_time) * 1e3:7.2f} ms",
+                flush=True,
+            )
+    return results
+
+
+def _plot_training(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({k.split(" / ")[0] for k in results})
+    fig, axes = plt.subplots(len(models), 3, figsize=(15, 4 * len(models)), squeeze=False)
+    for row, model in enumerate(models):
+        for name, h in results.items():
+            if not name.startswith(model + " / "):
+                continue
+            label = name.split(" / ")[1]
+            loss = np.asarray(h["loss"])
+            w = max(1, len(loss) // 50)
+            smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+            axes[row, 0].plot(np.arange(len(smooth)) + w, smooth, label=label)
+            axes[row, 1].plot(h["eval_step"], h["test_accuracy"], "o-", label=label)
+            axes[row, 2].plot(h["eval_wall"], h["test_accuracy"], "o-", label=label)
+        axes[row, 0].set(title=f"{model}: training loss", xlabel="step", yscale="log")
+        axes[row, 1].set(title=f"{model}: test accuracy", xlabel="step")
+        axes[row, 2].set(title=f"{model}: test accuracy", xlabel="training seconds")
+        axes[row, 0].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _plot_speed(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    for ax, (case, timings) in zip(axes[0], results.items(), strict=True):
+        names = list(timings)
+        ratios = [timings[n]["ratio"] for n in names]
+        ax.barh(names, ratios, color=["gray"] + ["C0"] * (len(names) - 1))
+        ax.axvline(0.6, color="red", ls="--", label="goal 0.6x")
+        ax.set(title=case, xlabel="step time / backprop step")
+        ax.invert_yaxis()
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _case(text: str) -> tuple[str, int]:
+    model, _, batch = text.partition(":")
+    if model not in zoo.MODELS or not batch.isdigit():
+        raise argparse.ArgumentTypeError(f"expected MODEL:BATCH with MODEL in {list(zoo.MODELS)}")
+    return model, int(batch)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", nargs="?", default="speed", choices=["speed", "train", "all"])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a sanity run")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    speed_args = parser.add_argument_group("speed")
+    speed_args.add_argument(
+        "--cases", type=_case, nargs="+", default=[("mlp", 64), ("mlp", 1024), ("fwdgrad-cnn", 64)]
+    )
+    speed_args.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
+    speed_args.add_argument("--repeats", type=int, default=15)
+    speed_args.add_argument("--number", type=int, default=3)
+    train_args = parser.add_argument_group("train")
+    train_args.add_argument("--dataset", default="mnist")
+    train_args.add_argument("--models", nargs="+", default=["mlp", "fwdgrad-cnn"])
+    train_args.add_argument("--steps", type=int, default=3000, help="MLP steps")
+    train_args.add_argument("--cnn-steps", type=int, default=150)
+    train_args.add_argument("--batch-size", type=int, default=64)
+    train_args.add_argument("--num-evals", type=int, default=6)
+    train_args.add_argument("--lr-backprop", type=float, default=0.05)
+    train_args.add_argument("--lr-forward", type=float, default=1e-4)
+    train_args.add_argument("--adam-lr-backprop", type=float, default=1e-3)
+    train_args.add_argument("--adam-lr-forward", type=float, default=1e-5)
+    train_args.add_argument(
+        "--runs",
+        nargs="+",
+        default=["backprop SGD", "backprop Adam", "fwd SGD K=1", "fwd SGD K=4", "fwd Adam K=1"],
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cases = [("mlp-small", 32)]
+        args.repeats, args.number = 3, 2
+        args.dataset, args.models, args.num_evals = "synthetic", ["mlp-small"], 2
+        args.steps = args.cnn_steps = 30
+    args.output.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    command = "python -m benchmarks.bench_fwdgrad " + " ".join(argv)
+    if args.what in ("speed", "all"):
+        results = speed(args)
+        benchmarking.write_json(
+            args.output / f"speed{suffix}.json", {"command": command, "results": results}
+        )
+        _plot_speed(results, args.output / f"speed{suffix}.png")
+    if args.what in ("train", "all"):
+        results = training(args)
+        payload = {"command": command, "settings": vars(args) | {"output": str(args.output)}}
+        benchmarking.write_json(
+            args.output / f"train{suffix}.json",
+            {**json.loads(json.dumps(payload, default=str)), "results": results},
+        )
+        _plot_training(results, args.output / f"train{suffix}.png")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
