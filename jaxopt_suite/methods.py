@@ -67,6 +67,7 @@ _PROVIDERS: tuple[str, ...] = (
     "jaxopt_suite.alig",
     "jaxopt_suite.proxprop",
     "jaxopt_suite.precondition",
+    "jaxopt_suite.proximal",
 )
 
 
