@@ -1,0 +1,299 @@
+"""Proximal auto-sizing on MNIST: step overhead, a sweep of reg, and the shrunk model's speed.
+
+1. Overhead: one training step of the MLP 784-1024-1024-10 (batch 128) with
+   ``optax.chain(optax.sgd(0.1), group_sparsity(...))`` against plain SGD, timed side by side
+   (interleaved, median of repeats, after compilation). Goals: l21 <= 1.10, linf1 <= 1.25.
+2. Sweep: the same MLP trained with SGD + group sparsity for several values of reg; live units
+   per hidden layer against test accuracy (plot).
+3. Shrink: the dead units of a trained model are deleted (``autosize.shrink``) and the
+   inference time of the shrunk model is measured against the original, side by side.
+
+Run: ``.venv/bin/python -m benchmarks.bench_proximal`` (``--quick`` for a fast sanity run);
+the timed sections take ``/tmp/jaxopt_bench.lock`` themselves, the training does not.
+Writes ``benchmarks/results/proximal/*.json``, ``sweep.png`` and
+``benchmarks/results/proximal.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+
+from jaxopt_suite import autosize, benchmarking, train, zoo
+from jaxopt_suite import data as data_lib
+from jaxopt_suite.proximal import group_sparsity
+
+RESULTS = Path(__file__).parent / "results"
+GOALS = {"l21": 1.10, "linf1": 1.25}
+CHAIN = ["Dense_0", "Dense_1", "Dense_2"]
+SGD_LR = 0.1
+PROX_LR = 0.1  # ProxGradPytorch's default, independent of the optimizer's
+
+
+@contextlib.contextmanager
+def timing_lock(path: str = "/tmp/jaxopt_bench.lock"):
+    """Holds the lock that timing runs on this shared machine take (like ``flock``), so the
+    long, untimed training of the sweep does not block anyone."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def make_tx(norm: str | None, reg: float) -> optax.GradientTransformation:
+    if norm is None:
+        return optax.sgd(SGD_LR)
+    return optax.chain(optax.sgd(SGD_LR), group_sparsity(reg, PROX_LR, norm=norm))
+
+
+def overhead(args: argparse.Namespace) -> dict:
+    model = zoo.make_model("mlp")
+    params = zoo.init_params(model, jax.random.key(0))
+    problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch_size, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, args.batch_size).astype(np.int32)
+    fns = {}
+    for name, norm in [("sgd", None), ("sgd+l21", "l21"), ("sgd+linf1", "linf1")]:
+        tx = make_tx(norm, 1e-3)
+        step = jax.jit(train.make_step(problem, tx))
+        fns[name] = (step, (train.init_state(params, tx, jax.random.key(1)), images, labels))
+    with timing_lock():
+        timings = benchmarking.time_interleaved(
+            fns, baseline="sgd", repeats=args.repeats, number=args.number
+        )
+    return {
+        name: {
+            "median_ms": t.median * 1e3,
+            "ratio": t.ratio,
+            "memory": t.memory,
+            "samples_ms": (t.samples * 1e3).tolist(),
+        }
+        for name, t in timings.items()
+    }
+
+
+def sweep(args: argparse.Namespace, dataset: data_lib.Dataset) -> tuple[list[dict], dict]:
+    model = zoo.make_model("mlp")
+    problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
+    evaluate = train.make_evaluate(problem)
+    init = zoo.init_params(model, jax.random.key(args.seed))
+    rows, trained = [], {}
+    runs = [(None, 0.0)] + [("l21", r) for r in args.l21] + [("linf1", r) for r in args.linf1]
+    for norm, reg in runs:
+        tx = make_tx(norm, reg)
+        step = train.jit_step(train.make_step(problem, tx))
+        # The jitted step donates its state: every run starts from its own copy.
+        params = jax.tree.map(np.array, init)
+        state = train.init_state(params, tx, jax.random.key(args.seed + 1))
+        start = time.perf_counter()
+        state, history = train.fit(
+            step,
+            state,
+            dataset,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            key=jax.random.key(args.seed + 2),
+            evaluate=evaluate,
+            num_evals=1,
+        )
+        live = autosize.live_units(state.params)
+        name = "sgd" if norm is None else f"{norm} reg={reg:g}"
+        rows.append(
+            {
+                "name": name,
+                "norm": norm,
+                "reg": reg,
+                "steps": args.steps,
+                "test_accuracy": float(history.test_accuracy[-1]),
+                "final_train_loss": float(np.mean(history.loss[-max(1, args.steps // 10) :])),
+                "live": live,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        trained[name] = state.params
+        print(f"{name:>18}: accuracy {rows[-1]['test_accuracy']:.4f}, live {live}", flush=True)
+    return rows, trained
+
+
+def pick_for_shrink(rows: list[dict], tolerance: float) -> dict:
+    """The run with the fewest live hidden units among those within ``tolerance`` of SGD."""
+    baseline = next(r["test_accuracy"] for r in rows if r["norm"] is None)
+    ok = [r for r in rows if r["norm"] and r["test_accuracy"] >= baseline - tolerance]
+    hidden = lambda r: r["live"]["Dense_0"] + r["live"]["Dense_1"]
+    return min(ok, key=hidden) if ok else min(rows, key=hidden)
+
+
+def inference(args, params, dataset: data_lib.Dataset) -> dict:
+    small, widths = autosize.shrink(jax.device_get(params), CHAIN)
+    small = jax.tree.map(np.asarray, small)
+    big_model = zoo.make_model("mlp")
+    small_model = zoo.MLP(hidden=(widths["Dense_0"], widths["Dense_1"]))
+    x = data_lib.normalize(dataset.test_images[: args.inference_batch])
+    big = jax.jit(lambda p, x: big_model.apply({"params": p}, x))
+    shrunk = jax.jit(lambda p, x: small_model.apply({"params": p}, x))
+    max_diff = float(np.max(np.abs(np.asarray(big(params, x)) - np.asarray(shrunk(small, x)))))
+    with timing_lock():
+        timings = benchmarking.time_interleaved(
+            {"original": (big, (params, x)), "shrunk": (shrunk, (small, x))},
+            baseline="original",
+            repeats=args.repeats,
+            number=args.number,
+        )
+    count = lambda p: int(sum(np.size(v) for v in jax.tree.leaves(p)))
+    return {
+        "widths": widths,
+        "batch": args.inference_batch,
+        "max_abs_output_difference": max_diff,
+        "parameters": {"original": count(params), "shrunk": count(small)},
+        "median_ms": {k: t.median * 1e3 for k, t in timings.items()},
+        "speedup": 1.0 / timings["shrunk"].ratio,
+        "memory": {k: t.memory for k, t in timings.items()},
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for norm, marker in [(None, "s"), ("l21", "o"), ("linf1", "^")]:
+        sel = [r for r in rows if r["norm"] == norm]
+        if not sel:
+            continue
+        live = [r["live"]["Dense_0"] + r["live"]["Dense_1"] for r in sel]
+        ax.plot(live, [r["test_accuracy"] for r in sel], marker, label=norm or "sgd")
+        for r, n in zip(sel, live, strict=True):
+            if r["norm"]:
+                ax.annotate(f"{r['reg']:g}", (n, r["test_accuracy"]), fontsize=7)
+    ax.set(
+        xlabel="live hidden units (of 2048)",
+        ylabel="test accuracy",
+        title="MLP 784-1024-1024-10 on MNIST, SGD + group sparsity",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(args, command: str, over: dict, rows: list[dict], chosen: dict, inf: dict) -> str:
+    lines = [
+        "# Proximal auto-sizing: overhead, reg sweep, shrink",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {benchmarking.environment()['device_kind']}, "
+        f"{benchmarking.environment()['cpu_count']} CPU cores (shared with other jobs).",
+        "",
+        "## Step overhead (MLP 784-1024-1024-10, batch "
+        f"{args.batch_size}, interleaved medians of {args.repeats} x {args.number})",
+        "",
+        "| step | median ms | ratio vs SGD | goal | met | compiled memory MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in over.items():
+        norm = name.split("+")[-1]
+        goal = GOALS.get(norm)
+        met = "-" if goal is None else ("yes" if r["ratio"] <= goal else "**no**")
+        lines.append(
+            f"| {name} | {r['median_ms']:.2f} | {r['ratio']:.3f} | "
+            f"{'-' if goal is None else f'<= {goal:.2f}'} | {met} | "
+            f"{r['memory']['total'] / 2**20:.1f} |"
+        )
+    lines += [
+        "",
+        f"## Sweep of reg ({args.steps} steps of batch {args.batch_size}, SGD lr {SGD_LR}, "
+        f"prox lr {PROX_LR})",
+        "",
+        "| run | test accuracy | live Dense_0 | live Dense_1 | train loss |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['test_accuracy']:.4f} | {r['live']['Dense_0']}/1024 | "
+            f"{r['live']['Dense_1']}/1024 | {r['final_train_loss']:.4f} |"
+        )
+    lines += [
+        "",
+        "![sweep](proximal/sweep.png)",
+        "",
+        f"## Shrink and inference ({chosen['name']}, batch {inf['batch']})",
+        "",
+        f"Widths after `autosize.shrink`: {inf['widths']}; parameters "
+        f"{inf['parameters']['original']:,} -> {inf['parameters']['shrunk']:,}; largest output "
+        f"difference {inf['max_abs_output_difference']:.2e}.",
+        "",
+        "| model | median ms | compiled memory MB |",
+        "|---|---|---|",
+    ]
+    for k in ("original", "shrunk"):
+        lines.append(
+            f"| {k} | {inf['median_ms'][k]:.3f} | {inf['memory'][k]['total'] / 2**20:.1f} |"
+        )
+    lines += ["", f"Inference speed-up of the shrunk model: **{inf['speedup']:.2f}x**.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000, help="training steps per sweep run")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--l21", type=float, nargs="*", default=[1e-3, 3e-3, 1e-2, 3e-2])
+    parser.add_argument("--linf1", type=float, nargs="*", default=[0.1, 0.3, 1.0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--number", type=int, default=3)
+    parser.add_argument("--inference-batch", type=int, default=1000)
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="accuracy loss allowed for the model that is shrunk",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-sweep", action="store_true", help="only the overhead timing")
+    parser.add_argument("--quick", action="store_true", help="a fast sanity run")
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.number = 20, 3, 1
+        args.l21, args.linf1 = [0.03], [0.3]
+    out = Path(args.output)
+    raw = out / "proximal"
+    command = "python -m benchmarks.bench_proximal " + " ".join(argv)
+    print("overhead ...", flush=True)
+    over = overhead(args)
+    for name, r in over.items():
+        print(f"{name:>10}: {r['median_ms']:.2f} ms, ratio {r['ratio']:.3f}", flush=True)
+    benchmarking.write_json(
+        raw / "overhead.json", {"command": command, "goals": GOALS, "results": over}
+    )
+    if args.skip_sweep:
+        return
+    dataset = data_lib.load("mnist")
+    rows, trained = sweep(args, dataset)
+    plot(rows, raw / "sweep.png")
+    chosen = pick_for_shrink(rows, args.tolerance)
+    inf = inference(args, trained[chosen["name"]], dataset)
+    print(f"shrunk {chosen['name']}: widths {inf['widths']}, speed-up {inf['speedup']:.2f}x")
+    benchmarking.write_json(raw / "sweep.json", {"command": command, "rows": rows})
+    benchmarking.write_json(
+        raw / "inference.json", {"command": command, "run": chosen["name"], **inf}
+    )
+    (out / "proximal.md").write_text(markdown(args, command, over, rows, chosen, inf))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
