@@ -113,7 +113,7 @@ def l1_ball_threshold(columns: jax.Array | Sequence[jax.Array], radius: ArrayLik
     No sort is done (XLA's sort is slow on CPU). Columns of at most ``_PAIRWISE_MAX`` entries
     use pairwise comparisons: the :math:`j`-th prefix is the set of entries
     :math:`\ge a_i`. Longer columns use Newton's method on :math:`\varphi` from the lower
-    bound :math:`\max(\max_i a_i - r, (\lVert a \rVert_1 - r)/n, 0)`,
+    bound :math:`\max(\max_i a_i - r, 0)`,
     :math:`\theta \leftarrow \theta + \varphi(\theta) / \lvert\{a_i > \theta\}\rvert`
     (Michelot's iteration), which increases monotonically and stops exactly, after at most
     :math:`n` steps, when the set :math:`\{a_i > \theta\}` no longer changes (with a small
@@ -137,18 +137,15 @@ def l1_ball_threshold(columns: jax.Array | Sequence[jax.Array], radius: ArrayLik
 
 @jax.custom_jvp
 def _threshold(parts: list[jax.Array], r: jax.Array) -> jax.Array:
-    n = sum(p.shape[0] for p in parts)
-    total = sum(column_sum(p) for p in parts)
-    if n <= _PAIRWISE_MAX:
-        a = jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-        # above[i, k, g]: entry k is in the prefix of the sorted column that ends at entry i.
-        above = a[None, :, :] >= a[:, None, :]
-        count = jnp.sum(above, axis=1).astype(a.dtype)
-        excess = jnp.sum(jnp.where(above, a[None, :, :], 0), axis=1) - r
-        theta = jnp.max(excess / count, axis=0)
-    else:
-        theta = _newton_threshold(parts, r, total, n)
-    return jnp.where(total <= r, 0.0, jnp.maximum(theta, 0.0))
+    if sum(p.shape[0] for p in parts) > _PAIRWISE_MAX:
+        return _newton_threshold(parts, r)
+    a = jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    # above[i, k, g]: entry k is in the prefix of the sorted column that ends at entry i.
+    above = a[None, :, :] >= a[:, None, :]
+    count = jnp.sum(above, axis=1).astype(a.dtype)
+    excess = jnp.sum(jnp.where(above, a[None, :, :], 0), axis=1) - r
+    theta = jnp.max(excess / count, axis=0)
+    return jnp.where(jnp.sum(a, axis=0) <= r, 0.0, jnp.maximum(theta, 0.0))
 
 
 def column_sum(x: jax.Array) -> jax.Array:
@@ -159,7 +156,9 @@ def column_sum(x: jax.Array) -> jax.Array:
     return jnp.matmul(ones, x, precision=jax.lax.Precision.HIGHEST)[0]
 
 
-def _newton_threshold(parts: list[jax.Array], r: jax.Array, total: jax.Array, n: int):
+def _newton_threshold(parts: list[jax.Array], r: jax.Array) -> jax.Array:
+    # max a - r is a lower bound of theta, and 0 when the column is inside the ball: then
+    # phi(0) <= 0 and the iteration stays at exactly 0.
     amax = functools.reduce(jnp.maximum, [jnp.max(p, axis=0) for p in parts])
 
     def body(carry):
@@ -171,7 +170,8 @@ def _newton_threshold(parts: list[jax.Array], r: jax.Array, total: jax.Array, n:
         new = jnp.maximum(new, theta)
         return new, jnp.any(new > theta), k + 1
 
-    start = jnp.maximum(jnp.maximum(amax - r, (total - r) / n), 0.0)
+    n = sum(p.shape[0] for p in parts)
+    start = jnp.maximum(amax - r, 0.0)
     return jax.lax.while_loop(lambda c: c[1] & (c[2] <= n), body, (start, True, 0))[0]
 
 
