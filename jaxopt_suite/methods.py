@@ -68,6 +68,7 @@ _PROVIDERS: tuple[str, ...] = (
     "jaxopt_suite.proxprop",
     "jaxopt_suite.precondition",
     "jaxopt_suite.proximal",
+    "jaxopt_suite.fwdgrad",
 )
 
 
