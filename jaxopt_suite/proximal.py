@@ -134,7 +134,7 @@ def _group_prox(
     kernel: jax.Array, bias: jax.Array | None, t: jax.Array, norm: str
 ) -> tuple[jax.Array, jax.Array | None]:
     """The grouped prox of one layer: group j is ``kernel[..., j]`` together with ``bias[j]``."""
-    cd = prox._compute_dtype(kernel.dtype)
+    cd = jnp.promote_types(kernel.dtype, jnp.float32)  # sums lose too much in half precision
     # Columns of the kernel and the bias as a row: never concatenated, the reductions add up.
     parts = [kernel.reshape(-1, kernel.shape[-1]).astype(cd)]
     if bias is not None:
