@@ -78,6 +78,9 @@ class TrainState(NamedTuple):
 
 
 def init_state(params: PyTree, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    """The state before the first step. The parameters are copied, so the caller's arrays
+    survive the donation in :func:`jit_step` and can start another run."""
+    params = jax.tree.map(jnp.array, params)
     return TrainState(
         params=params,
         opt_state=tx.init(params),
@@ -117,7 +120,9 @@ def make_step(
         batch = (preprocess(images), labels)
         value, direction, extra = gradient(problem, state.params, batch, subkey)
         updates, opt_state = tx.update(direction, state.opt_state, state.params, **extra)
-        ok = jnp.isfinite(value) & _all_finite(updates)
+        # The direction too: a transform that zeroes a non-finite step would otherwise let
+        # the NaN into the state of the transforms before it in a chain.
+        ok = jnp.isfinite(value) & _all_finite(direction) & _all_finite(updates)
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = TrainState(

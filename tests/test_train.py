@@ -124,3 +124,36 @@ def test_fit_trains_and_evaluates():
     assert hist.test_accuracy[-1] == pytest.approx(acc)
     loss = float(train.cross_entropy(logits, ds.test_labels))
     assert hist.test_loss[-1] == pytest.approx(loss, rel=1e-5)
+
+
+def test_non_finite_direction_is_skipped_even_if_updates_are_finite():
+    # Adam's moments would take the NaN although the last transform zeroes the update.
+    problem, params = _problem()
+    images, labels = _batch()
+    zero = optax.GradientTransformation(
+        lambda p: optax.EmptyState(),
+        lambda u, s, p=None: (jax.tree.map(jnp.zeros_like, u), s),
+    )
+    tx = optax.chain(optax.scale_by_adam(), zero)
+
+    def nan_gradient(problem, params, batch, key):
+        value, grads, extra = train.backprop(problem, params, batch, key)
+        return value, jax.tree.map(lambda g: g * jnp.nan, grads), extra
+
+    state = train.init_state(params, tx, jax.random.key(0))
+    before = jax.tree.map(np.asarray, state.opt_state)
+    new_state, loss = jax.jit(train.make_step(problem, tx, nan_gradient))(state, images, labels)
+    assert np.isfinite(loss) and int(new_state.skipped) == 1
+    for a, b in zip(jax.tree.leaves(new_state.opt_state), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_init_state_copies_so_donation_spares_the_callers_params():
+    problem, params = _problem()
+    images, labels = _batch()
+    tx = optax.sgd(0.1)
+    step = train.jit_step(train.make_step(problem, tx))
+    step(train.init_state(params, tx, jax.random.key(0)), images, labels)
+    # A second run from the same initial parameters still works.
+    state, _ = step(train.init_state(params, tx, jax.random.key(0)), images, labels)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
