@@ -198,7 +198,7 @@ def shrink(params: Mapping, chain: Sequence[str]) -> tuple[dict, dict[str, int]]
 
     Args:
       params: linen parameters (nested mappings of arrays; for nnx use
-        ``nnx.State.to_pure_dict()``).
+        ``nnx.to_pure_dict(state)``).
       chain: layer names in data-flow order, as :func:`find_layers` names them
         (``["Dense_0", "Dense_1", "Dense_2"]``).
 

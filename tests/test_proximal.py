@@ -213,7 +213,7 @@ def test_group_sparsity_on_nnx_state_equals_linen_dicts():
     tx = optax.chain(optax.sgd(0.1), group_sparsity(1.0, 0.5, norm="linf1"))
     updates, _ = jax.jit(tx.update)(grads, tx.init(state), state)
     new = optax.apply_updates(state, updates)
-    as_dict = state.to_pure_dict()
+    as_dict = nnx.to_pure_dict(state)
     for i in (0, 1):
         leaves = as_dict["layers"][i]
         stepped = {k: np.asarray(v) - 0.1 * 0.05 for k, v in leaves.items()}
