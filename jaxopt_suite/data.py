@@ -209,16 +209,19 @@ def batches(
 def synthetic(
     key: jax.Array, num_train: int = 256, num_test: int = 64, num_classes: int = 10
 ) -> Dataset:
-    """A tiny learnable image dataset (class prototypes plus noise) for tests and smoke runs."""
-    k_proto, k_train, k_test, k_ltrain, k_ltest = jax.random.split(key, 5)
-    prototypes = jax.random.uniform(k_proto, (num_classes, 28, 28))
+    """A tiny learnable image dataset (class prototypes plus noise) for tests and smoke runs.
 
-    def make(k_img, k_lab, n):
-        labels = jax.random.randint(k_lab, (n,), 0, num_classes)
-        noise = jax.random.uniform(k_img, (n, 28, 28))
-        pixels = 0.7 * prototypes[labels] + 0.3 * noise
-        return np.asarray(pixels * 255, np.uint8), np.asarray(labels, np.int32)
+    Drawn on the host with numpy (seeded from ``key``): eager JAX random ops would compile.
+    """
+    seed = int(np.asarray(jax.random.key_data(key)).ravel()[-1])
+    rng = np.random.default_rng(seed)
+    prototypes = rng.uniform(size=(num_classes, 28, 28))
 
-    x_train, y_train = make(k_train, k_ltrain, num_train)
-    x_test, y_test = make(k_test, k_ltest, num_test)
+    def make(n):
+        labels = rng.integers(0, num_classes, n)
+        pixels = 0.7 * prototypes[labels] + 0.3 * rng.uniform(size=(n, 28, 28))
+        return np.asarray(pixels * 255, np.uint8), labels.astype(np.int32)
+
+    x_train, y_train = make(num_train)
+    x_test, y_test = make(num_test)
     return Dataset(x_train, y_train, x_test, y_test)
