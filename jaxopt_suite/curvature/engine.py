@@ -138,7 +138,7 @@ def value_and_grad(
                 layer_deltas = (
                     {i: d[None] for i, d in deltas.items()}
                     if source == "grad"
-                    else jax.vmap(lambda ct: vjp_fn(ct)[1])(cols)
+                    else _backpropagate_columns(vjp_fn, cols)
                 )
             per_leaf: dict[str, list] = {s: [None] * len(leaves) for s in stats}
             for i, (call_index, role) in owner.items():
@@ -173,6 +173,20 @@ def value_and_grad(
         return value, jax.tree.unflatten(treedef, grad_leaves), extras
 
     return fn
+
+
+# Up to this many columns are backpropagated by separate VJP calls that XLA schedules together;
+# beyond it a sequential lax.map. Not jax.vmap: its batching of max-pooling's transpose
+# (select_and_scatter_add) runs 10-20x slower on CPU than separate calls.
+_UNROLL_COLUMNS = 16
+
+
+def _backpropagate_columns(vjp_fn: Callable, columns: jax.Array) -> dict[int, jax.Array]:
+    """Layer-output cotangents (K, ...) of the K output cotangent ``columns``."""
+    if columns.shape[0] <= _UNROLL_COLUMNS:
+        outs = [vjp_fn(column)[1] for column in columns]
+        return jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return jax.lax.map(lambda column: vjp_fn(column)[1], columns)
 
 
 def _discover(apply_fn, leaves, treedef, inputs, batch) -> dict[int, layers.LayerCall]:

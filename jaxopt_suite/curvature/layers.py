@@ -368,16 +368,40 @@ def prepare(call: LayerCall, x: jax.Array) -> jax.Array:
 def conv_kernel(
     statistic: str, patches: jax.Array, delta: jax.Array, config: ConvConfig
 ) -> jax.Array:
-    """Statistic of a conv kernel (*kernel_spatial, C_in / G, C_out) from unfolded patches."""
+    """Statistic of a conv kernel (*kernel_spatial, C_in / G, C_out) from unfolded patches.
+
+    The per-(column, sample) kernel gradients are one batched matrix product per sample and
+    feature group, ``(S·C_in/G, P) @ (P, K·C_out/G)``; the statistic is reduced in that layout
+    and only the (small) result is permuted to the kernel's layout.
+    """
     k, n = delta.shape[:2]
     groups = config.feature_group_count
     s, c_in = patches.shape[-2:]
     c_out = delta.shape[-1]
-    patches = patches.reshape(n, -1, s, groups, c_in // groups)
-    delta = delta.reshape(k, n, -1, groups, c_out // groups)
-    grads = jnp.einsum("npsgc,knpgo->knscgo", patches, delta)
-    grads = grads.reshape(k, n, *config.kernel_spatial, c_in // groups, c_out)
-    return reduce_individual(statistic, grads)
+    cg, og = c_in // groups, c_out // groups
+    lhs = patches.reshape(n, -1, s, groups, cg).transpose(0, 3, 1, 2, 4)
+    lhs = lhs.reshape(n, groups, -1, s * cg)  # (N, G, P, D)
+    rhs = delta.reshape(k, n, -1, groups, og).transpose(1, 3, 2, 0, 4)
+    rhs = rhs.reshape(n, groups, -1, k * og)  # (N, G, P, K·Og)
+    grads = jax.lax.dot_general(lhs, rhs, (((2,), (2,)), ((0, 1), (0, 1))))
+    grads = grads.reshape(n, groups, s * cg, k, og)  # (N, G, D, K, Og)
+
+    def to_kernel(a: jax.Array, batch: bool) -> jax.Array:
+        # (..., G, D, Og) -> (..., *kernel_spatial, Cg, G·Og)
+        lead = a.shape[:1] if batch else ()
+        a = a.reshape(*lead, groups, s, cg, og)
+        a = jnp.moveaxis(a, len(lead), len(lead) + 2)  # (..., S, Cg, G, Og)
+        return a.reshape(*lead, *config.kernel_spatial, cg, c_out)
+
+    if statistic == "individual":
+        return to_kernel(grads[:, :, :, 0], batch=True)
+    if statistic == "individual_sq_norm":
+        return jnp.sum(grads[:, :, :, 0] ** 2, axis=(1, 2, 3))
+    if statistic == "sum_sq":
+        return to_kernel(jnp.sum(grads**2, axis=(0, 3)), batch=False)
+    if statistic == "individual_sum_sq":
+        return to_kernel(jnp.sum(grads**2, axis=3), batch=True)
+    raise ValueError(f"unknown statistic {statistic!r}; valid: {STATISTICS}")
 
 
 def layer_statistic(
