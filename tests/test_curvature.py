@@ -216,6 +216,7 @@ def test_callable_loss_uses_hessian_square_root():
     check_all(linen_apply(model), params, x, y, huber_one, "sum", generic=True)
 
 
+@pytest.mark.slow
 def test_cnn_with_pooling():
     x, y = rand((3, 6, 6, 2)), labels((3,), 3)
     model = CNN()
@@ -249,6 +250,7 @@ class ConvZoo(nn.Module):
         return nn.Dense(2)(h)
 
 
+@pytest.mark.slow
 def test_conv_strides_padding_dilation_groups_1d_2d_3d():
     x, y = rand((2, 5, 5, 4)), labels((2,), 2)
     model = ConvZoo()
@@ -316,6 +318,13 @@ def test_hand_written_function():
     x, y = rand((4, 3)), rand((4, 2), seed=6)
     assert set(jax.tree.leaves(curvature.coverage(apply_fn, params, x))) == {"generic"}
     check_all(apply_fn, params, x, y, "mse", generic=True)
+    # chunks that don't divide the batch, without any summed statistic
+    per_sample = ("grad_batch", "batch_l2", "diag_ggn_exact_batch")
+    chunked = curvature.value_and_grad(apply_fn, loss="mse", quantities=per_sample, chunk_size=3)
+    _, _, want = brute_force(apply_fn, params, x, y, "mse", "mean")
+    _, _, got = jax.jit(chunked)(params, x, y)
+    for name in per_sample:
+        assert_tree_close(got[name], want[name])
 
 
 # --- Monte Carlo --------------------------------------------------------------------------
@@ -348,6 +357,7 @@ def test_mc_converges_to_exact(loss):
             np.testing.assert_allclose(m / scale, e / scale, atol=0.05)
 
 
+@pytest.mark.slow
 def test_mc_structured_equals_generic_with_same_key():
     x, y = rand((4, 6, 6, 2)), labels((4,), 3)
     model = CNN()
