@@ -286,4 +286,8 @@ def test_compare_methods_report_live_units():
     params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].at[:, 1].set(0.0)
     params["Dense_0"]["bias"] = params["Dense_0"]["bias"].at[1].set(0.0)
     assert setup.report(params) == {"live_units": "Dense_0 2/3, Dense_1 2/2"}
-    assert isinstance(setup.tx, optax.GradientTransformation)
+    # The output layer (the last Dense) is not regularised: its tiny units survive.
+    tiny = {"Dense_0": layer((4, 3), 1e-3), "Dense_1": layer((3, 2), 1e-3)}
+    zeros = jax.tree.map(jnp.zeros_like, tiny)
+    updates, _ = setup.tx.update(zeros, setup.tx.init(tiny), tiny)
+    assert autosize.live_units(optax.apply_updates(tiny, updates)) == {"Dense_0": 0, "Dense_1": 2}
