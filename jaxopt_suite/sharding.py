@@ -13,9 +13,27 @@ Two layouts:
   the number of devices is split along its largest such axis, so each device holds 1/D of the
   parameters and optimizer state; XLA gathers them where the computation needs them.
 
-Multi-host: call ``jax.distributed.initialize()`` first on every host; ``jax.devices()`` then
-lists the devices of all hosts, :func:`make_mesh` spans them, and each host feeds its own
-slice of the global batch (``jax.make_array_from_process_local_data``).
+Multi-host (several processes, e.g. one per GPU host or TPU VM): run the same script on every
+host and, before anything else touches JAX, call::
+
+    jax.distributed.initialize()  # on TPU/SLURM/Kubernetes the arguments are discovered;
+    # else: jax.distributed.initialize(coordinator_address="host0:1234",
+    #                                  num_processes=P, process_id=i)
+
+``jax.devices()`` then lists the devices of all hosts (``jax.local_devices()`` this host's),
+:func:`make_mesh` spans them, and :func:`data_parallel` builds the same SPMD program on every
+host. Each host loads only its own rows of the global batch (global batch B, P processes: B/P
+rows per host, e.g. ``data.batches`` with a per-host seed or a sharded dataset reader) and
+turns them into one global array with :func:`global_batch`
+(``jax.make_array_from_process_local_data``); pass those arrays to the sharded step. Outputs
+come back replicated, so every host sees the same loss; parameters stay identical on all hosts
+because every host runs the same step on the same global batch. What differs from one host:
+the initial parameters and PRNG keys must be the same on every host (same seeds), and
+anything host-side (printing, checkpoints) should be done by ``jax.process_index() == 0``.
+On one machine, :func:`global_batch` with one process is what the tests check.
+
+Precision: the layouts change nothing about dtypes; a step given bfloat16 parameters keeps
+them (see each method's docstring for where it computes in float32).
 """
 
 from __future__ import annotations
@@ -69,6 +87,44 @@ def fsdp_sharding(tree: PyTree, mesh: Mesh, axis: str = "data") -> PyTree:
         return NamedSharding(mesh, P(*spec))
 
     return jax.tree.map(leaf_sharding, tree)
+
+
+def global_batch(mesh: Mesh, *local_arrays: Any, axis: str = "data") -> tuple[jax.Array, ...]:
+    """Assembles each process's rows into global arrays split along ``axis`` of ``mesh``.
+
+    With P processes, each passes its own ``(B / P, ...)`` rows and gets back the same
+    ``(B, ...)`` global arrays (rows in process order), laid out as :func:`data_parallel`
+    expects; with one process the arrays are the local ones, placed on the mesh.
+
+    Args:
+      mesh: the device mesh (spanning all hosts' devices).
+      *local_arrays: this process's rows, host (numpy) or device arrays, same leading size.
+      axis: the mesh axis the rows are split along.
+
+    Returns:
+      One global ``jax.Array`` per local array.
+
+    Raises:
+      ValueError: if ``axis`` is not a mesh axis, or the global leading size is not divisible
+        by the devices along ``axis``.
+    """
+    if axis not in mesh.shape:
+        raise ValueError(f"axis {axis!r} is not a mesh axis; the mesh has {tuple(mesh.shape)}")
+    sharding = batch_sharding(mesh, axis)
+    size = mesh.shape[axis]
+    out = []
+    for i, local in enumerate(local_arrays):
+        local = np.asarray(local)
+        rows = local.shape[0] * jax.process_count()
+        if rows % size:
+            raise ValueError(
+                f"local_arrays[{i}]: the global batch of {rows} rows is not divisible by the "
+                f"{size} devices of mesh axis {axis!r}"
+            )
+        out.append(
+            jax.make_array_from_process_local_data(sharding, local, (rows, *local.shape[1:]))
+        )
+    return tuple(out)
 
 
 def data_parallel(
