@@ -266,6 +266,10 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-sweep", action="store_true", help="only the overhead timing")
+    parser.add_argument("--skip-overhead", action="store_true", help="no overhead timing")
+    parser.add_argument(
+        "--shrink-run", default=None, help='the sweep run to shrink, e.g. "l21 reg=0.03"'
+    )
     parser.add_argument("--quick", action="store_true", help="a fast sanity run")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -283,12 +287,17 @@ def main(argv: list[str]) -> None:
         rows, trained = sweep(args, dataset)
         plot(rows, raw / "sweep.png")
         benchmarking.write_json(raw / "sweep.json", {"command": command, "rows": rows})
-        chosen = pick_for_shrink(rows, args.tolerance)
+        if args.shrink_run:
+            chosen = next(r for r in rows if r["name"] == args.shrink_run)
+        else:
+            chosen = pick_for_shrink(rows, args.tolerance)
         inf = inference(args, trained[chosen["name"]], dataset)
         print(f"shrunk {chosen['name']}: widths {inf['widths']}, speed-up {inf['speedup']:.2f}x")
         benchmarking.write_json(
             raw / "inference.json", {"command": command, "run": chosen["name"], **inf}
         )
+    if args.skip_overhead:
+        return
     print("overhead ...", flush=True)
     over = overhead(args)
     for name, r in over.items():
