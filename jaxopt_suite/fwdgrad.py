@@ -414,8 +414,12 @@ def value_and_forward_grad(
     return estimate
 
 
-def _estimator(fun, argnums, num_directions, distribution, structure, batching, has_aux):
-    """``(key, *args, **kwargs) -> (value, aux, estimate, directional derivatives (K,))``."""
+def _estimator(
+    fun, argnums, num_directions, distribution, structure, batching, has_aux, guard=False
+):
+    """``(key, *args, **kwargs) -> (value, aux, estimate, ok)``; ``ok``: the value and the K
+    directional derivatives are finite. With ``guard``, a step that is not ok estimates zeros
+    (the directions are finite, so checking K + 1 scalars guards the whole estimate)."""
 
     def estimate(key: jax.Array, *args: Any, **kwargs: Any):
         nums = _normalize_argnums(argnums, len(args))
@@ -450,6 +454,9 @@ def _estimator(fun, argnums, num_directions, distribution, structure, batching, 
         keys = jax.random.split(key, num_directions)
         if batching == "vmap":
             value, aux, dots, vs = jax.vmap(one, out_axes=(None, None, 0, 0))(keys)
+            ok = jnp.isfinite(value) & jnp.all(jnp.isfinite(dots))
+            if guard:
+                dots = jnp.where(ok, dots, jnp.zeros_like(dots))
             grads = _combine(dots, vs, num_directions)
         else:
             value_shape, aux_shape = jax.eval_shape(f, diff)
@@ -467,9 +474,12 @@ def _estimator(fun, argnums, num_directions, distribution, structure, batching, 
                 jax.tree.map(zeros, aux_shape),
             )
             (total, value, aux), dots = jax.lax.scan(body, init, keys)
+            ok = jnp.isfinite(value) & jnp.all(jnp.isfinite(dots))
+            if guard:
+                total = jax.tree.map(lambda t: jnp.where(ok, t, jnp.zeros_like(t)), total)
             grads = jax.tree.map(lambda t: t / num_directions, total)
         grads = grads[0] if isinstance(argnums, int) else grads
-        return value, aux, grads, dots
+        return value, aux, grads, ok
 
     return estimate
 
@@ -483,13 +493,27 @@ def _scale(dot: jax.Array, v: PyTree) -> PyTree:
 
 
 def _combine(dots: jax.Array, vs: PyTree, k: int) -> PyTree:
-    """``(1/K) sum_k dots[k] v_k`` for directions stacked on a leading axis of size K."""
+    """``(1/K) sum_k dots[k] v_k`` for directions stacked on a leading axis of size K.
+
+    For small K this is elementwise (a broadcast product summed over K), so XLA fuses it into
+    whatever consumes the estimate (the optimizer update) instead of writing it to memory; a
+    matrix product with an inner dimension K would not fuse.
+    """
+
+    def expand(x, ndim):
+        return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
     def leaf(d):
         if isinstance(d, RankOne):
-            a = (dots.reshape((k,) + (1,) * (d.a.ndim - 1)) * d.a).reshape(k, -1)
-            return (a.T @ d.b).reshape(d.a.shape[1:] + d.b.shape[1:]) / k
-        return jnp.tensordot(dots, d, axes=1) / k
+            if k > 8:
+                a = (expand(dots, d.a.ndim) * d.a).reshape(k, -1)
+                return (a.T @ d.b).reshape(d.a.shape[1:] + d.b.shape[1:]) / k
+            a = (expand(dots, d.a.ndim) * d.a)[..., None]
+            b = d.b.reshape((k,) + (1,) * (d.a.ndim - 1) + d.b.shape[1:])
+            return jnp.sum(a * b, axis=0) / k
+        if k > 8:
+            return jnp.tensordot(dots, d, axes=1) / k
+        return jnp.sum(expand(dots, d.ndim) * d, axis=0) / k
 
     return jax.tree.map(leaf, vs, is_leaf=lambda d: isinstance(d, RankOne))
 
@@ -601,6 +625,7 @@ def forward_gradient(
         structure,
         batching,
         False,
+        guard=True,
     )
 
     def init_fn(params: optax.Params) -> ForwardGradientState:
@@ -617,10 +642,7 @@ def forward_gradient(
         if params is None:
             raise ValueError("forward_gradient needs params: update(updates, state, params, ...)")
         next_key, subkey = jax.random.split(state.key)
-        value, _, grads, dots = estimate(subkey, params, value_fn)
-        # Directions are finite, so checking the K scalars guards the whole estimate.
-        ok = jnp.isfinite(value) & jnp.all(jnp.isfinite(dots))
-        grads = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+        _, _, grads, ok = estimate(subkey, params, value_fn)
         return grads, ForwardGradientState(next_key, state.nonfinite + (~ok).astype(jnp.int32))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
