@@ -9,11 +9,28 @@ Layout, as BackPACK's: :mod:`~jaxopt_suite.curvature.losses` (loss Hessian squar
 sampling), :mod:`~jaxopt_suite.curvature.layers` (finding Dense/Conv layers and their
 derivative rules), :mod:`~jaxopt_suite.curvature.generic` (per-sample VJPs for everything else),
 :mod:`~jaxopt_suite.curvature.quantities` (each quantity written once against both) and
-:mod:`~jaxopt_suite.curvature.engine` (the entry point).
+:mod:`~jaxopt_suite.curvature.engine` (the entry point). Matrix-free GGN and Hessian products
+and Hutchinson diagonals live in :mod:`~jaxopt_suite.curvature.products`.
 """
 
 from jaxopt_suite.curvature.engine import coverage, value_and_grad
 from jaxopt_suite.curvature.losses import LOSSES, REDUCTIONS
+from jaxopt_suite.curvature.products import (
+    ggn_matvec,
+    ggn_vector_product,
+    hessian_vector_product,
+    hutchinson_diagonal,
+)
 from jaxopt_suite.curvature.quantities import QUANTITIES
 
-__all__ = ["LOSSES", "QUANTITIES", "REDUCTIONS", "coverage", "value_and_grad"]
+__all__ = [
+    "LOSSES",
+    "QUANTITIES",
+    "REDUCTIONS",
+    "coverage",
+    "ggn_matvec",
+    "ggn_vector_product",
+    "hessian_vector_product",
+    "hutchinson_diagonal",
+    "value_and_grad",
+]
