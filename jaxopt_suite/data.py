@@ -69,6 +69,25 @@ def load_mnist(path: str | os.PathLike | None = None) -> Dataset:
       A :class:`Dataset` with uint8 images ``(60000, 28, 28)`` / ``(10000, 28, 28)``.
     """
     path = Path(path) if path is not None else _mnist_pickle_path()
+    # Unpickling 70k float images costs seconds; the uint8 arrays load from a cache at once.
+    stat = path.stat()
+    cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxopt_suite"
+    cache = cache_dir / f"mnist-{stat.st_size}-{int(stat.st_mtime)}.npz"
+    if cache.is_file():
+        with np.load(cache) as arrays:
+            return Dataset(*(arrays[name] for name in Dataset._fields))
+    dataset = _read_mnist_pickle(path)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **dataset._asdict())
+        tmp.replace(cache)
+    except OSError:  # a read-only home is fine: no cache
+        pass
+    return dataset
+
+
+def _read_mnist_pickle(path: Path) -> Dataset:
     with gzip.open(path, "rb") as f:
         (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = pickle.load(f, encoding="latin1")
 
