@@ -61,9 +61,17 @@ def __getattr__(name: str) -> Any:
     if module_name is None:
         raise AttributeError(f"module 'jaxopt_suite' has no attribute {name!r}")
     module = importlib.import_module(module_name)
-    value = module if module_name.rsplit(".", 1)[-1] == name else getattr(module, name)
+    value = getattr(module, name, module)  # a submodule exports itself
     globals()[name] = value
     return value
+
+
+# ``alig`` and ``proximal`` name both a function and the submodule defining it. Importing a
+# submodule binds the package attribute to the module, so these two are bound to the
+# functions now, once: later imports of the submodules find them in sys.modules and leave
+# the attribute alone.
+from jaxopt_suite.alig import alig as alig  # noqa: E402
+from jaxopt_suite.proximal import proximal as proximal  # noqa: E402
 
 
 def __dir__() -> list[str]:

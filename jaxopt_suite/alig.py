@@ -25,8 +25,6 @@ update is zero and the state is left as it was, except for a counter of skipped 
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -424,21 +422,3 @@ def compare_methods() -> list:
             lambda cfg: methods.Setup(alig(max_lr=0.1, momentum=0.9)),
         ),
     ]
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`alig`.
-
-    The public name ``jaxopt_suite.alig`` is the optimizer, but it is also this submodule's
-    name, and Python binds the package attribute to the module whenever the submodule is
-    first imported (e.g. by ``methods.registry()``). Making the module call :func:`alig`
-    keeps ``jaxopt_suite.alig(...)`` right in every import order; ``__wrapped__`` gives
-    ``inspect.signature`` (and so ``optax.inject_hyperparams``) the optimizer's signature.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-        return alig(*args, **kwargs)
-
-
-__wrapped__ = alig
-sys.modules[__name__].__class__ = _CallableModule

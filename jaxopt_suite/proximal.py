@@ -20,8 +20,6 @@ References:
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -264,17 +262,3 @@ def compare_methods() -> list:
             build("l21", 0.05),
         ),
     ]
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`proximal`.
-
-    The package exports the function ``jaxopt_suite.proximal``, but importing the submodule
-    ``jaxopt_suite.proximal`` (as ``compare`` does) rebinds that package attribute to the
-    module; making the module callable keeps ``jaxopt_suite.proximal(...)`` working either way.
-    """
-
-    __call__ = staticmethod(proximal)
-
-
-sys.modules[__name__].__class__ = _CallableModule
