@@ -16,6 +16,8 @@ jax, optax and flax as they are needed.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
@@ -66,13 +68,20 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-# ``alig`` and ``proximal`` name both a function and the submodule defining it. Importing a
-# submodule binds the package attribute to the module, so these two are bound to the
-# functions now, once: later imports of the submodules find them in sys.modules and leave
-# the attribute alone.
-from jaxopt_suite.alig import alig as alig  # noqa: E402
-from jaxopt_suite.proximal import proximal as proximal  # noqa: E402
+class _Package(types.ModuleType):
+    """The package module: keeps the functions ``alig`` and ``proximal`` bound to their names.
+
+    Both are also the names of the submodules that define them, and the import system binds a
+    submodule to its parent's attribute when the submodule is first imported. Ignoring that one
+    binding keeps ``jaxopt_suite.alig`` the optimizer whatever was imported before, without
+    importing jax when the package is imported.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FUNCTIONS_NAMED_LIKE_MODULES and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
 
 
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+_FUNCTIONS_NAMED_LIKE_MODULES = frozenset({"alig", "proximal"})
+sys.modules[__name__].__class__ = _Package
