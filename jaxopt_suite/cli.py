@@ -29,6 +29,18 @@ DEFAULTS = {
     "seed": 0,
     "output": "runs/compare",
 }
+# One method of each family plus the backprop baselines: the default run stays within a few
+# minutes on 2 CPU cores. ``--methods all`` runs every registered method.
+DEFAULT_METHODS = (
+    "sgd",
+    "sgd-momentum",
+    "adam",
+    "alig",
+    "sgd+linf1",
+    "diag-ggn-mc",
+    "fwdgrad",
+    "proxprop",
+)
 
 
 def _progress_bar(total: int, label: str):
@@ -205,7 +217,11 @@ def compare(
         )
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
-    chosen = methods.get(list(method_names) if method_names else list(methods.registry()))
+    if not method_names:
+        method_names = DEFAULT_METHODS
+    elif list(method_names) == ["all"]:
+        method_names = list(methods.registry())
+    chosen = methods.get(list(method_names))
     data = data_lib.load(dataset)
     config = methods.RunConfig(steps=steps, batch_size=batch_size, seed=seed)
     output = Path(output)
@@ -280,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"one of {', '.join(zoo.MODELS)} (default %(default)s)",
     )
     p.add_argument(
-        "--methods", default=None, help="comma-separated method names (default: all); see `list`"
+        "--methods",
+        default=None,
+        help="comma-separated method names, or 'all' (default: one per family); see `list`",
     )
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     p.add_argument(
