@@ -6,8 +6,8 @@ squared individual gradients and the gradient variance, and the diagonal of the 
 Gauss-Newton matrix, exact or by Monte Carlo, summed or per sample.
 
 Layout, as BackPACK's: :mod:`~jaxopt_suite.curvature.losses` (loss Hessian square roots and
-sampling), :mod:`~jaxopt_suite.curvature.layers` (finding Dense/Conv layers and their
-derivative rules), :mod:`~jaxopt_suite.curvature.generic` (per-sample VJPs for everything else),
+sampling), :mod:`~jaxopt_suite.curvature.layers` (finding Dense/Conv layers while tracing),
+:mod:`~jaxopt_suite.curvature.rules` (their per-sample derivative rules), :mod:`~jaxopt_suite.curvature.generic` (per-sample VJPs for everything else),
 :mod:`~jaxopt_suite.curvature.quantities` (each quantity written once against both) and
 :mod:`~jaxopt_suite.curvature.engine` (the entry point). Matrix-free GGN and Hessian products
 and Hutchinson diagonals live in :mod:`~jaxopt_suite.curvature.products`.

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_suite.curvature import generic, layers, losses
+from jaxopt_suite.curvature import generic, layers, losses, rules
 from jaxopt_suite.curvature import quantities as quantities_lib
 
 PyTree = Any
@@ -129,7 +129,7 @@ def value_and_grad(
             columns["ggn_mc"] = np.sqrt(c / mc_samples) * draws
 
         owner = _owners(calls)
-        prepared = {i: layers.prepare(calls[i], x) for i, x in layer_inputs.items()}
+        prepared = {i: rules.prepare(calls[i], x) for i, x in layer_inputs.items()}
         free = [i for i in range(len(leaves)) if i not in owner]
         results: dict[str, dict[str, list]] = {}
         for source, stats in needs.items():
@@ -138,13 +138,13 @@ def value_and_grad(
                 layer_deltas = (
                     {i: d[None] for i, d in deltas.items()}
                     if source == "grad"
-                    else _backpropagate_columns(vjp_fn, cols)
+                    else rules.backpropagate_columns(vjp_fn, cols)
                 )
             per_leaf: dict[str, list] = {s: [None] * len(leaves) for s in stats}
             for i, (call_index, role) in owner.items():
                 call = calls[call_index]
                 for s in stats:
-                    per_leaf[s][i] = layers.layer_statistic(
+                    per_leaf[s][i] = rules.layer_statistic(
                         s, call, role, prepared[call_index], layer_deltas[call_index]
                     )
             if free:
@@ -173,20 +173,6 @@ def value_and_grad(
         return value, jax.tree.unflatten(treedef, grad_leaves), extras
 
     return fn
-
-
-# Up to this many columns are backpropagated by separate VJP calls that XLA schedules together;
-# beyond it a sequential lax.map. Not jax.vmap: its batching of max-pooling's transpose
-# (select_and_scatter_add) runs 10-20x slower on CPU than separate calls.
-_UNROLL_COLUMNS = 16
-
-
-def _backpropagate_columns(vjp_fn: Callable, columns: jax.Array) -> dict[int, jax.Array]:
-    """Layer-output cotangents (K, ...) of the K output cotangent ``columns``."""
-    if columns.shape[0] <= _UNROLL_COLUMNS:
-        outs = [vjp_fn(column)[1] for column in columns]
-        return jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    return jax.lax.map(lambda column: vjp_fn(column)[1], columns)
 
 
 def _discover(apply_fn, leaves, treedef, inputs, batch) -> dict[int, layers.LayerCall]:

@@ -41,7 +41,7 @@ def statistics(
       leaves: the differentiated leaves.
       inputs: the batch (a pytree of arrays with a leading axis N).
       columns: output cotangents (K, N, *outputs.shape[1:]).
-      wanted: statistics to return (see :data:`jaxopt_suite.curvature.layers.STATISTICS`).
+      wanted: statistics to return (see :data:`jaxopt_suite.curvature.rules.STATISTICS`).
       chunk_size: samples per chunk; None processes the whole batch at once.
 
     Returns:

@@ -1,6 +1,6 @@
 r"""BackPACK's quantities, each written once as (source of cotangents, statistic, finish).
 
-A quantity is a statistic (:data:`~jaxopt_suite.curvature.layers.STATISTICS`) of the
+A quantity is a statistic (:data:`~jaxopt_suite.curvature.rules.STATISTICS`) of the
 per-(column, sample) gradients :math:`\hat g_{k,n} = J_n^\top s_{k,n}`, where the columns
 :math:`s_{k,n}` come from one of three *sources*:
 

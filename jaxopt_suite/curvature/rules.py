@@ -1,0 +1,182 @@
+r"""Per-layer derivative rules of the structured path (Dense and Conv).
+
+For a layer :math:`z = x W (+ b)` the per-sample gradient is
+:math:`\hat g_n(W) = \sum_t x_{n,t} \delta_{n,t}^\top` (sum over sequence or spatial positions;
+for a convolution :math:`x_{n,t}` is the input patch under output position :math:`t`). A rule
+receives :math:`x` (N, ..., in) and a stack of cotangents :math:`\delta` (K, N, ..., out): one
+column for first-order quantities, the K backpropagated columns of the loss Hessian's square
+root for GGN quantities. It returns one of the :data:`STATISTICS` of the per-(column, sample)
+gradients :math:`\hat g_{k,n}`:
+
+* ``individual``: :math:`\hat g_{0,n}`, shape (N, *leaf)
+* ``individual_sq_norm``: :math:`\|\hat g_{0,n}\|^2`, shape (N,)
+* ``sum_sq``: :math:`\sum_{k,n} \hat g_{k,n}^{\odot 2}`, shape leaf
+* ``individual_sum_sq``: :math:`\sum_k \hat g_{k,n}^{\odot 2}`, shape (N, *leaf)
+
+A Dense layer without extra axes never forms :math:`\hat g`: e.g. ``sum_sq`` is
+:math:`(x^{\odot 2})^\top (\sum_k \delta_k^{\odot 2})` and ``individual_sq_norm`` is
+:math:`\|x_n\|^2 \|\delta_n\|^2`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxopt_suite.curvature.layers import ConvConfig, LayerCall
+
+STATISTICS = ("individual", "individual_sq_norm", "sum_sq", "individual_sum_sq")
+
+
+def reduce_individual(statistic: str, grads: jax.Array) -> jax.Array:
+    """A statistic from materialised per-(column, sample) gradients ``grads`` (K, N, *leaf)."""
+    if statistic == "individual":
+        return grads[0]
+    if statistic == "individual_sq_norm":
+        g = grads[0]
+        return jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1)
+    if statistic == "sum_sq":
+        return jnp.sum(grads**2, axis=(0, 1))
+    if statistic == "individual_sum_sq":
+        return jnp.sum(grads**2, axis=0)
+    raise ValueError(f"unknown statistic {statistic!r}; valid: {STATISTICS}")
+
+
+def _positions(x: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x (N, ..., in) -> (N, T, in); delta (K, N, ..., out) -> (K, N, T, out)."""
+    n = x.shape[0]
+    return x.reshape(n, -1, x.shape[-1]), delta.reshape(delta.shape[0], n, -1, delta.shape[-1])
+
+
+def dense_kernel(statistic: str, x: jax.Array, delta: jax.Array) -> jax.Array:
+    """Statistic of the kernel (in, out) of ``z = x W``; see the module docstring."""
+    x, delta = _positions(x, delta)
+    t, d_in = x.shape[1:]
+    d_out = delta.shape[-1]
+    if t == 1:
+        x, delta = x[:, 0], delta[:, :, 0]
+        if statistic == "individual":
+            return jnp.einsum("ni,no->nio", x, delta[0])
+        if statistic == "individual_sq_norm":
+            return jnp.sum(x**2, axis=-1) * jnp.sum(delta[0] ** 2, axis=-1)
+        delta_sq = jnp.sum(delta**2, axis=0)
+        if statistic == "sum_sq":
+            return jnp.einsum("ni,no->io", x**2, delta_sq)
+        if statistic == "individual_sum_sq":
+            return jnp.einsum("ni,no->nio", x**2, delta_sq)
+    elif statistic == "individual_sq_norm" and t * t * (d_in + d_out) < d_in * d_out:
+        # ||sum_t x_t d_t^T||^2 = sum_{t,s} (x_t . x_s)(d_t . d_s): Gram matrices, no N x in x out.
+        gram_x = jnp.einsum("nti,nsi->nts", x, x)
+        gram_d = jnp.einsum("nto,nso->nts", delta[0], delta[0])
+        return jnp.sum(gram_x * gram_d, axis=(1, 2))
+    return reduce_individual(statistic, jnp.einsum("nti,knto->knio", x, delta))
+
+
+def bias(statistic: str, delta: jax.Array) -> jax.Array:
+    """Statistic of a bias (out,) added to every position: ``ĝ_n = Σ_t δ_{n,t}``."""
+    k, n = delta.shape[:2]
+    return reduce_individual(statistic, delta.reshape(k, n, -1, delta.shape[-1]).sum(axis=2))
+
+
+def conv_patches(x: jax.Array, config: ConvConfig, out_spatial: tuple[int, ...]) -> jax.Array:
+    """Input patches under each output position: (N, *out_spatial, prod(kernel), C_in).
+
+    Strided slices of the padded (and input-dilated) input, one per kernel offset, in the
+    kernel's row-major order, so ``z[n, p, o] = Σ_{s,c} patches[n, p, s, c] W[s, c, o]``
+    (without feature groups).
+    """
+    zero = jnp.zeros((), x.dtype)
+    pads = [(0, 0, 0)]
+    pads += [
+        (lo, hi, d - 1) for (lo, hi), d in zip(config.padding, config.lhs_dilation, strict=True)
+    ]
+    x = lax.pad(x, zero, [*pads, (0, 0, 0)])
+    slices = []
+    for offset in itertools.product(*(range(k) for k in config.kernel_spatial)):
+        start = [0] + [o * d for o, d in zip(offset, config.rhs_dilation, strict=True)] + [0]
+        limit = [x.shape[0]]
+        limit += [
+            s + (p - 1) * st + 1
+            for s, p, st in zip(start[1:-1], out_spatial, config.window_strides, strict=True)
+        ]
+        limit += [x.shape[-1]]
+        slices.append(lax.slice(x, start, limit, (1, *config.window_strides, 1)))
+    return jnp.stack(slices, axis=-2)
+
+
+def prepare(call: LayerCall, x: jax.Array) -> jax.Array:
+    """What the kernel rule of ``call`` consumes, computed once per layer: the input itself
+    for Dense, the unfolded patches (N, P, prod(kernel), C_in) for Conv."""
+    if call.kind == "dense":
+        return x
+    patches = conv_patches(x, call.conv, call.output.shape[1:-1])
+    return patches.reshape(x.shape[0], -1, *patches.shape[-2:])
+
+
+def conv_kernel(
+    statistic: str, patches: jax.Array, delta: jax.Array, config: ConvConfig
+) -> jax.Array:
+    """Statistic of a conv kernel (*kernel_spatial, C_in / G, C_out) from unfolded patches.
+
+    The per-(column, sample) kernel gradients are one batched matrix product per sample and
+    feature group, ``(S·C_in/G, P) @ (P, K·C_out/G)``; the statistic is reduced in that layout
+    and only the (small) result is permuted to the kernel's layout.
+    """
+    k, n = delta.shape[:2]
+    groups = config.feature_group_count
+    s, c_in = patches.shape[-2:]
+    c_out = delta.shape[-1]
+    cg, og = c_in // groups, c_out // groups
+    lhs = patches.reshape(n, -1, s, groups, cg).transpose(0, 3, 1, 2, 4)
+    lhs = lhs.reshape(n, groups, -1, s * cg)  # (N, G, P, D)
+    rhs = delta.reshape(k, n, -1, groups, og).transpose(1, 3, 2, 0, 4)
+    rhs = rhs.reshape(n, groups, -1, k * og)  # (N, G, P, K·Og)
+    grads = jax.lax.dot_general(lhs, rhs, (((2,), (2,)), ((0, 1), (0, 1))))
+    grads = grads.reshape(n, groups, s * cg, k, og)  # (N, G, D, K, Og)
+
+    def to_kernel(a: jax.Array, batch: bool) -> jax.Array:
+        # (..., G, D, Og) -> (..., *kernel_spatial, Cg, G·Og)
+        lead = a.shape[:1] if batch else ()
+        a = a.reshape(*lead, groups, s, cg, og)
+        a = jnp.moveaxis(a, len(lead), len(lead) + 2)  # (..., S, Cg, G, Og)
+        return a.reshape(*lead, *config.kernel_spatial, cg, c_out)
+
+    if statistic == "individual":
+        return to_kernel(grads[:, :, :, 0], batch=True)
+    if statistic == "individual_sq_norm":
+        return jnp.sum(grads[:, :, :, 0] ** 2, axis=(1, 2, 3))
+    if statistic == "sum_sq":
+        return to_kernel(jnp.sum(grads**2, axis=(0, 3)), batch=False)
+    if statistic == "individual_sum_sq":
+        return to_kernel(jnp.sum(grads**2, axis=3), batch=True)
+    raise ValueError(f"unknown statistic {statistic!r}; valid: {STATISTICS}")
+
+
+def layer_statistic(
+    statistic: str, call: LayerCall, role: str, prepared: jax.Array, delta: jax.Array
+) -> jax.Array:
+    """Dispatches to the rule of ``call.kind`` for the ``role`` (``"kernel"`` or ``"bias"``);
+    ``prepared`` is :func:`prepare` of the layer input."""
+    if role == "bias":
+        return bias(statistic, delta)
+    if call.kind == "dense":
+        return dense_kernel(statistic, prepared, delta)
+    return conv_kernel(statistic, prepared, delta, call.conv)
+
+
+# Up to this many columns are backpropagated by separate VJP calls that XLA schedules together;
+# beyond it a sequential lax.map. Not jax.vmap: its batching of max-pooling's transpose
+# (select_and_scatter_add) runs 10-20x slower on CPU than separate calls.
+_UNROLL_COLUMNS = 16
+
+
+def backpropagate_columns(vjp_fn: Callable, columns: jax.Array) -> dict[int, jax.Array]:
+    """Layer-output cotangents (K, ...) of the K output cotangent ``columns``."""
+    if columns.shape[0] <= _UNROLL_COLUMNS:
+        outs = [vjp_fn(column)[1] for column in columns]
+        return jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return jax.lax.map(lambda column: vjp_fn(column)[1], columns)
