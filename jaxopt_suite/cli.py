@@ -163,6 +163,13 @@ def plot(results: list[dict[str, Any]], output: Path) -> list[Path]:
         w = max(1, len(y) // 30)
         return np.convolve(y, np.ones(w) / w, mode="valid") if w > 1 else y
 
+    # Ten colours, then the same colours dashed, then dotted: every method stays distinguishable.
+    colours = plt.get_cmap("tab10").colors
+    dashes = ("-", "--", ":", "-.")
+    styles = {
+        r["row"]["method"]: {"color": colours[i % 10], "linestyle": dashes[(i // 10) % 4]}
+        for i, r in enumerate(results)
+    }
     paths = []
     for name, xkey, xlabel in [
         ("loss_vs_steps.png", None, "step"),
@@ -176,17 +183,22 @@ def plot(results: list[dict[str, Any]], output: Path) -> list[Path]:
                 if xkey is None
                 else np.asarray(r["history"][xkey])[len(r["history"][xkey]) - len(y) :]
             )
-            ax.plot(x, y, label=r["row"]["method"])
+            ax.plot(x, y, label=r["row"]["method"], **styles[r["row"]["method"]])
         ax.set(xlabel=xlabel, ylabel="training loss (moving average)", yscale="log")
-        ax.legend()
+        ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(output / name, dpi=120)
         plt.close(fig)
         paths.append(output / name)
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
+        method = r["row"]["method"]
         ax.plot(
-            r["history"]["eval_step"], r["history"]["test_accuracy"], "o-", label=r["row"]["method"]
+            r["history"]["eval_step"],
+            r["history"]["test_accuracy"],
+            marker="o",
+            label=method,
+            **styles[method],
         )
     ax.set(xlabel="step", ylabel="test accuracy")
     ax.legend()

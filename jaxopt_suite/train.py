@@ -43,18 +43,30 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-class Problem(NamedTuple):
-    """A supervised problem: ``apply_fn(params, inputs) -> logits`` and a loss name.
+# Losses a Problem can name: mean over the batch of a per-sample loss of (logits, labels).
+PROBLEM_LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "cross_entropy": cross_entropy,
+}
 
-    ``loss`` names the loss for methods that need its structure (the curvature engine); the
-    loss value itself is always the mean cross-entropy over the batch.
+
+class Problem(NamedTuple):
+    """A supervised classification problem: ``apply_fn(params, inputs) -> logits`` and its loss.
+
+    ``loss`` names the loss both for :meth:`loss_fn` and for methods that need its structure
+    (the curvature engine), so the two always agree. Classification with integer labels
+    supports ``"cross_entropy"`` (the mean softmax cross-entropy, :func:`cross_entropy`).
     """
 
     apply_fn: Callable[[PyTree, jax.Array], jax.Array]
     loss: str = "cross_entropy"
 
     def loss_fn(self, params: PyTree, inputs: jax.Array, labels: jax.Array) -> jax.Array:
-        return cross_entropy(self.apply_fn(params, inputs), labels)
+        """The mean loss of the batch."""
+        if self.loss not in PROBLEM_LOSSES:
+            raise ValueError(
+                f"Problem.loss must be one of {sorted(PROBLEM_LOSSES)}; got {self.loss!r}"
+            )
+        return PROBLEM_LOSSES[self.loss](self.apply_fn(params, inputs), labels)
 
 
 GradientFn = Callable[[Problem, PyTree, Batch, jax.Array], tuple[jax.Array, PyTree, dict]]

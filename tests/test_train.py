@@ -157,3 +157,9 @@ def test_init_state_copies_so_donation_spares_the_callers_params():
     # A second run from the same initial parameters still works.
     state, _ = step(train.init_state(params, tx, jax.random.key(0)), images, labels)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def test_problem_rejects_a_loss_it_cannot_compute():
+    problem = train.Problem(lambda p, x: x @ p, loss="mse")
+    with pytest.raises(ValueError, match=r"Problem\.loss must be one of \['cross_entropy'\]"):
+        problem.loss_fn(jnp.ones((2, 3)), jnp.ones((4, 2)), jnp.zeros((4,), jnp.int32))
