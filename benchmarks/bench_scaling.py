@@ -4,17 +4,31 @@ Every method registered for ``compare`` is timed on the MLP 784-w-w-10, interlea
 plain backprop SGD step on the same model and batch (all methods of one point in one
 ``benchmarking.time_interleaved`` run, median of repeats after compilation), for a sweep of
 batch sizes at a fixed width and a sweep of widths at a fixed batch size. Memory is XLA's
-compiled footprint of one step (arguments + outputs + temporaries). The
-growth exponent is the slope of a least-squares line through (log x, log time); log-log plots
-show the method next to backprop.
+compiled footprint of one step (arguments + outputs + temporaries). The ``curvature`` sweep
+times single quantities of ``curvature.value_and_grad`` against ``jax.value_and_grad`` of the
+same loss, against batch size.
 
-    python -m benchmarks.bench_scaling                       # all methods, default sweeps
-    python -m benchmarks.bench_scaling --methods alig,proxprop --widths 256,1024 --quick
+The growth exponent is the slope of a least-squares line through (log x, log time); log-log
+plots show each method next to backprop.
+
+Long sweeps are split into several invocations (each one a few minutes under the shared
+benchmark lock): every invocation writes one part file per sweep point under
+``<out>/parts/`` and then rebuilds ``scaling.json``, the plots and ``table.md`` from all parts
+present, so partial runs merge. A later run of the same (sweep, point, method) replaces the
+earlier row.
+
+    python -m benchmarks.bench_scaling --sweep batch --points 32,128            # two points
+    python -m benchmarks.bench_scaling --sweep width --points 4096 --methods alig,proxprop
+    python -m benchmarks.bench_scaling --sweep curvature --points 32,1024
+    python -m benchmarks.bench_scaling --report                 # only merge parts and plot
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import time
 from pathlib import Path
 
 import jax
@@ -23,6 +37,20 @@ import numpy as np
 from jaxopt_suite import benchmarking, methods, train, zoo
 
 OUT = Path(__file__).parent / "results" / "scaling"
+SWEEPS = ("batch", "width", "curvature")
+DEFAULT_POINTS = {
+    "batch": "32,64,128,256,512,1024",
+    "width": "256,512,1024,2048,4096",
+    "curvature": "32,64,128,256,512,1024",
+}
+CURVATURE_DEFAULT = "batch_l2,sum_grad_squared,diag_ggn_mc,diag_ggn_exact"
+_BASELINES = ("sgd", "sgd-momentum", "adam")
+
+
+def _batch(batch: int) -> tuple[np.ndarray, np.ndarray]:
+    images = np.asarray(jax.random.randint(jax.random.key(2), (batch, 28, 28), 0, 256), np.uint8)
+    labels = np.asarray(jax.random.randint(jax.random.key(3), (batch,), 0, 10), np.int32)
+    return images, labels
 
 
 def _step_inputs(method: methods.Method, width: int, batch: int, steps: int = 1000):
@@ -33,10 +61,22 @@ def _step_inputs(method: methods.Method, width: int, batch: int, steps: int = 10
     params = zoo.init_params(model, jax.random.key(0))
     problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
     state = train.init_state(params, setup.tx, jax.random.key(1))
-    images = np.asarray(jax.random.randint(jax.random.key(2), (batch, 28, 28), 0, 256), np.uint8)
-    labels = np.asarray(jax.random.randint(jax.random.key(3), (batch,), 0, 10), np.int32)
     step = jax.jit(train.make_step(problem, setup.tx, setup.gradient))
-    return step, (state, images, labels)
+    return step, (state, *_batch(batch))
+
+
+def _rows(out: dict, names: list[str]) -> dict[str, dict]:
+    bp = out["backprop"]
+    return {
+        name: {
+            "method_ms": out[name].median * 1e3,
+            "backprop_ms": bp.median * 1e3,
+            "ratio": out[name].ratio,
+            "method_mb": out[name].memory["total"] / 2**20,
+            "backprop_mb": bp.memory["total"] / 2**20,
+        }
+        for name in names
+    }
 
 
 def measure(
@@ -46,46 +86,95 @@ def measure(
     fns = {"backprop": _step_inputs(baseline, width, batch)}
     fns.update({m.name: _step_inputs(m, width, batch) for m in chosen})
     out = benchmarking.time_interleaved(fns, baseline="backprop", repeats=repeats, number=1)
-    bp = out["backprop"]
-    return {
-        m.name: {
-            "method_ms": out[m.name].median * 1e3,
-            "backprop_ms": bp.median * 1e3,
-            "ratio": out[m.name].ratio,
-            "method_mb": out[m.name].memory["total"] / 2**20,
-            "backprop_mb": bp.memory["total"] / 2**20,
-        }
-        for m in chosen
-    }
+    return _rows(out, [m.name for m in chosen])
+
+
+def measure_curvature(quantities: list[str], width: int, batch: int, repeats: int) -> dict:
+    """Curvature quantities (one per function) next to the plain gradient, side by side."""
+    from jaxopt_suite import curvature
+
+    model = zoo.MLP(hidden=(width, width))
+    params = zoo.init_params(model, jax.random.key(0))
+    apply = lambda p, x: model.apply({"params": p}, x)
+    images, labels = _batch(batch)
+    x = train.data_lib.normalize(images).reshape(batch, -1)
+    key = jax.random.key(4)
+    loss = lambda p, x, y: train.cross_entropy(apply(p, x), y)
+    fns = {"backprop": (jax.jit(jax.value_and_grad(loss)), (params, x, labels))}
+    for q in quantities:
+        fn = curvature.value_and_grad(apply, loss="cross_entropy", quantities=(q,))
+        fns[q] = (jax.jit(lambda p, x, y, k, fn=fn: fn(p, x, y, key=k)), (params, x, labels, key))
+    out = benchmarking.time_interleaved(fns, baseline="backprop", repeats=repeats, number=1)
+    return _rows(out, quantities)
 
 
 def exponent(xs, ys) -> float:
     """Slope of the least-squares line through (log x, log y): cost ~ x^slope."""
+    if len(xs) < 2:
+        return float("nan")
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
-def plot(results: dict, axis: str, path: Path) -> None:
+# ---------------------------------------------------------------------------------------------
+# parts: one JSON per (sweep, point), merged into the report
+
+
+def _part_path(out: Path, sweep: str, point: int) -> Path:
+    return out / "parts" / f"{sweep}-{point}.json"
+
+
+def save_part(out: Path, sweep: str, point: int, rows: dict, meta: dict) -> Path:
+    """Adds ``rows`` (method -> row) to the part file of ``(sweep, point)``; same names replace."""
+    path = _part_path(out, sweep, point)
+    old = json.loads(path.read_text())["rows"] if path.exists() else {}
+    stamped = {name: {**row, **meta} for name, row in rows.items()}
+    return benchmarking.write_json(
+        path, {"sweep": sweep, "point": point, "rows": {**old, **stamped}}
+    )
+
+
+def load_parts(out: Path) -> dict[str, dict[str, list[dict]]]:
+    """sweep -> method -> rows sorted by the swept variable, from every part file present."""
+    merged: dict[str, dict[str, list[dict]]] = {s: {} for s in SWEEPS}
+    for path in sorted((out / "parts").glob("*.json")):
+        part = json.loads(path.read_text())
+        axis = "width" if part["sweep"] == "width" else "batch"
+        for name, row in part["rows"].items():
+            merged[part["sweep"]].setdefault(name, []).append({axis: part["point"], **row})
+    for by_name in merged.values():
+        for rows in by_name.values():
+            rows.sort(key=lambda r: r.get("width", r.get("batch")))
+    return merged
+
+
+def _backprop_line(rows_by_name: dict[str, list[dict]], axis: str) -> tuple[list, list, list]:
+    """Backprop's time and memory per point: median over the runs that measured the point."""
+    times: dict[int, list[float]] = {}
+    mbs: dict[int, float] = {}
+    for rows in rows_by_name.values():
+        for r in rows:
+            times.setdefault(r[axis], []).append(r["backprop_ms"])
+            mbs[r[axis]] = r["backprop_mb"]
+    xs = sorted(times)
+    return xs, [float(np.median(times[x])) for x in xs], [mbs[x] for x in xs]
+
+
+def plot(results: dict[str, list[dict]], axis: str, path: Path, baseline: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, rows in results.items():
         xs = [r[axis] for r in rows]
-        line = ax_t.loglog(
-            xs,
-            [r["method_ms"] for r in rows],
-            "o-",
-            label=f"{name} (x^{exponent(xs, [r['method_ms'] for r in rows]):.2f})",
-        )
+        ts = [r["method_ms"] for r in rows]
+        line = ax_t.loglog(xs, ts, "o-", label=f"{name} (x^{exponent(xs, ts):.2f})")
         ax_m.loglog(xs, [r["method_mb"] for r in rows], "o-", color=line[0].get_color(), label=name)
-    first = next(iter(results.values()))
-    xs = [r[axis] for r in first]
-    bp = [r["backprop_ms"] for r in first]
-    ax_t.loglog(xs, bp, "k--", label=f"backprop sgd (x^{exponent(xs, bp):.2f})")
-    ax_m.loglog(xs, [r["backprop_mb"] for r in first], "k--", label="backprop sgd")
-    ax_t.set(xlabel=axis, ylabel="step ms (median)", title=f"step time vs {axis}")
+    xs, bp, bp_mb = _backprop_line(results, axis)
+    ax_t.loglog(xs, bp, "k--", lw=2, label=f"{baseline} (x^{exponent(xs, bp):.2f})")
+    ax_m.loglog(xs, bp_mb, "k--", lw=2, label=baseline)
+    ax_t.set(xlabel=axis, ylabel="ms per step (median)", title=f"time vs {axis}")
     ax_m.set(xlabel=axis, ylabel="compiled MB", title=f"compiled memory vs {axis}")
     ax_t.legend(fontsize=7)
     ax_m.legend(fontsize=7)
@@ -94,74 +183,128 @@ def plot(results: dict, axis: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=None, help="comma list (default: all but baselines)")
-    parser.add_argument("--batch-sizes", default="32,64,128,256,512,1024")
-    parser.add_argument("--widths", default="256,512,1024,2048,4096")
-    parser.add_argument("--fixed-width", type=int, default=1024)
-    parser.add_argument("--fixed-batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="two points per sweep, 2 repeats")
-    parser.add_argument("--out", type=Path, default=OUT, help="results folder")
-    args = parser.parse_args(argv)
-    registry = methods.registry()
-    baseline = registry["sgd"]
-    names = (
-        args.methods.split(",")
-        if args.methods
-        else [n for n in registry if n not in ("sgd", "sgd-momentum", "adam")]
-    )
-    chosen = methods.get(names)
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    widths = [int(w) for w in args.widths.split(",")]
-    if args.quick:
-        batches, widths, args.repeats = batches[:2], widths[:2], 2
-    by_batch = {m.name: [] for m in chosen}
-    by_width = {m.name: [] for m in chosen}
-    for n in batches:
-        for name, row in measure(chosen, baseline, args.fixed_width, n, args.repeats).items():
-            by_batch[name].append({"batch": n, **row})
-        print(f"batch {n}: done", flush=True)
-    for w in widths:
-        for name, row in measure(chosen, baseline, w, args.fixed_batch, args.repeats).items():
-            by_width[name].append({"width": w, **row})
-        print(f"width {w}: done", flush=True)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    plot(by_batch, "batch", out / "time_vs_batch.png")
-    plot(by_width, "width", out / "time_vs_width.png")
-    lines = [
-        "| method | time ~ N^a | time ~ w^b | ratio at N="
-        + f"{batches[-1]} | ratio at w={widths[-1]}"
-        " | MB at w=" + f"{widths[-1]} (backprop) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in by_batch:
-        rb, rw = by_batch[name], by_width[name]
+def _table(merged: dict) -> str:
+    by_batch, by_width, curv = merged["batch"], merged["width"], merged["curvature"]
+    lines = []
+    names = list(dict.fromkeys([*by_batch, *by_width]))
+    if names:
+        lines += [
+            "| method | time ~ N^a (w=512) | time ~ w^b (N=128) | ratio at largest N "
+            "| ratio at largest w | MB at largest w (backprop) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in names:
+            rb, rw = by_batch.get(name, []), by_width.get(name, [])
+            cells = [name]
+            for rows, axis in ((rb, "batch"), (rw, "width")):
+                xs = [r[axis] for r in rows]
+                cells.append(f"{exponent(xs, [r['method_ms'] for r in rows]):.2f}")
+            for rows, axis in ((rb, "batch"), (rw, "width")):
+                last = rows[-1] if rows else None
+                cells.append(f"{last['ratio']:.2f} ({axis[0]}={last[axis]})" if last else "-")
+            cells.append(f"{rw[-1]['method_mb']:.0f} ({rw[-1]['backprop_mb']:.0f})" if rw else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        xb, bpb, _ = _backprop_line(by_batch, "batch")
+        xw, bpw, _ = _backprop_line(by_width, "width")
         lines.append(
-            f"| {name} | {exponent(batches, [r['method_ms'] for r in rb]):.2f} | "
-            f"{exponent(widths, [r['method_ms'] for r in rw]):.2f} | {rb[-1]['ratio']:.2f} | "
-            f"{rw[-1]['ratio']:.2f} | {rw[-1]['method_mb']:.0f} ({rw[-1]['backprop_mb']:.0f}) |"
+            f"| backprop sgd | {exponent(xb, bpb):.2f} | {exponent(xw, bpw):.2f} "
+            "| 1.00 | 1.00 | - |"
         )
-    first_b, first_w = next(iter(by_batch.values())), next(iter(by_width.values()))
-    bp_b = [r["backprop_ms"] for r in first_b]
-    bp_w = [r["backprop_ms"] for r in first_w]
-    lines.append(
-        f"| backprop sgd | {exponent(batches, bp_b):.2f} | {exponent(widths, bp_w):.2f} "
-        "| 1.00 | 1.00 | - |"
-    )
+    if curv:
+        lines += [
+            "",
+            "| curvature quantity (MLP w=512) | time ~ N^a | ratio to gradient at each N |",
+            "|---|---|---|",
+        ]
+        for name, rows in curv.items():
+            xs = [r["batch"] for r in rows]
+            ratios = ", ".join(f"{r['batch']}: {r['ratio']:.2f}" for r in rows)
+            lines.append(
+                f"| {name} | {exponent(xs, [r['method_ms'] for r in rows]):.2f} | {ratios} |"
+            )
+        xc, bpc, _ = _backprop_line(curv, "batch")
+        lines.append(f"| jax.value_and_grad | {exponent(xc, bpc):.2f} | 1.00 |")
+    return "\n".join(lines)
+
+
+def report(out: Path) -> str:
+    """Merges every part under ``out/parts`` into scaling.json, the plots and table.md."""
+    merged = load_parts(out)
+    files = {
+        "batch": ("time_vs_batch.png", "batch", "backprop sgd"),
+        "width": ("time_vs_width.png", "width", "backprop sgd"),
+        "curvature": ("curvature_vs_batch.png", "batch", "jax.value_and_grad"),
+    }
+    for sweep, (name, axis, baseline) in files.items():
+        if merged[sweep]:
+            plot(merged[sweep], axis, out / name, baseline)
+    table = _table(merged)
     benchmarking.write_json(
         out / "scaling.json",
         {
-            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "by_batch": by_batch,
-            "by_width": by_width,
+            "by_batch": merged["batch"],
+            "by_width": merged["width"],
+            "curvature_by_batch": merged["curvature"],
         },
     )
-    table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
-    print(table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", choices=SWEEPS, default=None, help="which sweep to measure")
+    parser.add_argument("--points", default=None, help="comma list of batch sizes or widths")
+    parser.add_argument("--methods", default=None, help="comma list (default: all but baselines)")
+    parser.add_argument("--quantities", default=CURVATURE_DEFAULT, help="curvature sweep only")
+    parser.add_argument("--fixed-width", type=int, default=512)
+    parser.add_argument("--fixed-batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--report", action="store_true", help="only merge the parts and plot")
+    parser.add_argument("--out", type=Path, default=OUT, help="results folder")
+    args = parser.parse_args(argv)
+    out = args.out
+    if not args.report:
+        if args.sweep is None:
+            parser.error("--sweep is required unless --report")
+        points = [int(p) for p in (args.points or DEFAULT_POINTS[args.sweep]).split(",")]
+        meta = {
+            "repeats": args.repeats,
+            "loadavg_1m_before": os.getloadavg()[0],
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if args.sweep == "curvature":
+            quantities = args.quantities.split(",")
+        else:
+            registry = methods.registry()
+            names = (
+                args.methods.split(",")
+                if args.methods
+                else [n for n in registry if n not in _BASELINES]
+            )
+            chosen = methods.get(names)
+        for p in points:
+            start = time.perf_counter()
+            meta["loadavg_1m_before"] = os.getloadavg()[0]
+            if args.sweep == "curvature":
+                rows = measure_curvature(quantities, args.fixed_width, p, args.repeats)
+                meta["fixed_width"] = args.fixed_width
+            elif args.sweep == "batch":
+                rows = measure(chosen, registry["sgd"], args.fixed_width, p, args.repeats)
+                meta["fixed_width"] = args.fixed_width
+            else:
+                rows = measure(chosen, registry["sgd"], p, args.fixed_batch, args.repeats)
+                meta["fixed_batch"] = args.fixed_batch
+            meta["loadavg_1m_after"] = os.getloadavg()[0]
+            save_part(out, args.sweep, p, rows, meta)
+            summary = ", ".join(f"{n} {r['ratio']:.2f}" for n, r in rows.items())
+            print(
+                f"{args.sweep} {p}: {time.perf_counter() - start:.0f} s, "
+                f"load {meta['loadavg_1m_before']:.2f}->{meta['loadavg_1m_after']:.2f}; "
+                f"backprop {next(iter(rows.values()))['backprop_ms']:.2f} ms; {summary}",
+                flush=True,
+            )
+    print(report(out))
 
 
 if __name__ == "__main__":
