@@ -180,7 +180,8 @@ def damped_inverses(
       pi_damping: static choice of the kernel's damping split.
 
     Returns:
-      The inverses, in the same tuple layout (from a Cholesky factor, symmetric).
+      The inverses, in the same tuple layout (from a Cholesky factor, symmetric) and dtype;
+      bfloat16/float16 factors are inverted in float32 and cast back.
     """
     damping = jnp.asarray(damping)
     if len(factors) == 1:
@@ -198,12 +199,16 @@ def damped_inverses(
 
 
 def _spd_inverse(matrix: jax.Array, shift: jax.Array) -> jax.Array:
-    eye = jnp.eye(matrix.shape[0], dtype=matrix.dtype)
-    chol = jnp.linalg.cholesky(matrix + shift.astype(matrix.dtype) * eye)
+    """``(matrix + shift I)^-1`` by Cholesky, computed in at least float32 and returned in
+    ``matrix.dtype`` (LAPACK has no bfloat16/float16 Cholesky, and half precision would lose
+    the factor's small eigenvalues anyway)."""
+    work = jnp.promote_types(matrix.dtype, jnp.float32)
+    eye = jnp.eye(matrix.shape[0], dtype=work)
+    chol = jnp.linalg.cholesky(matrix.astype(work) + shift.astype(work) * eye)
     # M^-1 = L^-T L^-1: one triangular solve and a product, several times faster on CPU than
     # cho_solve's two solves against the identity, and symmetric by construction
     chol_inv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
-    return chol_inv.T @ chol_inv
+    return (chol_inv.T @ chol_inv).astype(matrix.dtype)
 
 
 def precondition(update: jax.Array, inverses: Factors) -> jax.Array:
@@ -273,6 +278,12 @@ def _resolve_mask(mask: Any, params: PyTree) -> PyTree:
         ) from None
 
 
+def _state_dtype(param: Any) -> Any:
+    # half-precision parameters keep float32 factors: an average with (1 - decay) = 0.05 steps
+    # would round away in bfloat16's 8-bit mantissa, and the inverses need float32 anyway
+    return jnp.promote_types(jnp.result_type(param), jnp.float32)
+
+
 def _all_finite(tree: PyTree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -301,7 +312,13 @@ def scale_by_kronecker(
 
     ``factors`` mirrors the parameters: a tuple ``(A, G)`` per kernel (A over the row-major
     flattening of all axes but the last), ``(G,)`` per vector, ``None`` for a leaf without
-    factors, whose update passes through unchanged. Factors with a non-finite entry are
+    factors, whose update passes through unchanged. This is the layout of the curvature
+    engine's ``kfac``/``kflr``/``kfra`` extras (``curvature.value_and_grad(...,
+    quantities=("kfac",))``, pass ``factors=extras["kfac"]``), Conv kernels
+    ``(*kernel_spatial, C_in, C_out)`` included (A over the unfolded patch); use
+    :func:`factor_mask` so that leaves the engine serves without factors get no state.
+    Factors, averages and inverses are kept in float32 for bfloat16/float16 parameters (the
+    preconditioned update is cast back to the update's dtype). Factors with a non-finite entry are
     ignored for that step (averages, counter and inverses stay as they were); a refresh that
     produces a non-finite inverse keeps the previous one.
 
@@ -337,15 +354,13 @@ def scale_by_kronecker(
             shapes = factor_shapes(jnp.shape(p)) if on else None
             if shapes is None:
                 return None
-            dtype = jnp.result_type(p)
-            return tuple(jnp.zeros(s, dtype) for s in shapes)
+            return tuple(jnp.zeros(s, _state_dtype(p)) for s in shapes)
 
         def eyes(p, on):
             shapes = factor_shapes(jnp.shape(p)) if on else None
             if shapes is None:
                 return None
-            dtype = jnp.result_type(p)
-            return tuple(jnp.eye(s[0], dtype=dtype) for s in shapes)
+            return tuple(jnp.eye(s[0], dtype=_state_dtype(p)) for s in shapes)
 
         return KroneckerState(
             count=jnp.zeros((), jnp.int32),
@@ -390,7 +405,9 @@ def scale_by_kronecker(
         inverses = jax.lax.cond(due, refresh, lambda e, old: old, ema, state.inverses)
 
         def apply(u, inv, fresh):
-            return u if inv is None or fresh is None else precondition(u, inv)
+            if inv is None or fresh is None:
+                return u
+            return precondition(u.astype(inv[0].dtype), inv).astype(u.dtype)
 
         new_updates = jax.tree.map(apply, updates, inverses, new)
         count = state.count + finite.astype(jnp.int32)

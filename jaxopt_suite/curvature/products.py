@@ -13,11 +13,12 @@ Nothing here forms a matrix over the parameters. A product costs about as much a
 * :func:`loss_hessian_sqrt`: columns :math:`S` with :math:`S S^\\top = H_f` (exact or Monte
   Carlo), the factor that Kronecker-factored curvature backpropagates.
 
-Losses follow ``REFERENCE.md`` §3: ``"cross_entropy"`` (integer labels, outputs ``(N, ..., C)``,
-every position a term), ``"mse"`` (PyTorch: squared error averaged over all entries),
-``"bce_with_logits"`` (targets in [0, 1], shaped like the outputs), or a callable
-``loss(output, target)`` for ONE sample, summed over the batch. ``reduction="mean"`` divides
-by the number of terms (N for a callable, every entry for the named losses), ``"sum"`` does not.
+Losses are those of the curvature engine, :mod:`jaxopt_suite.curvature.losses` (one definition
+of each): ``"cross_entropy"`` (integer labels, outputs ``(N, ..., C)``, every position a term),
+``"mse"`` (PyTorch: squared error averaged over all entries), ``"bce_with_logits"`` (targets in
+[0, 1], shaped like the outputs), or a callable ``loss(output, target)`` for ONE sample, summed
+over the batch. ``reduction="mean"`` divides by the number of terms (N for a callable, every
+position of a cross-entropy, every entry of MSE and BCE), ``"sum"`` does not.
 """
 
 from __future__ import annotations
@@ -30,75 +31,32 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_suite.curvature import losses
+
 PyTree = Any
-Loss = str | Callable[[jax.Array, jax.Array], jax.Array]
+Loss = str | losses.PerSampleLoss
 MatVec = Callable[[PyTree], PyTree]
 
-LOSSES = ("cross_entropy", "mse", "bce_with_logits")
-REDUCTIONS = ("mean", "sum")
+LOSSES = losses.LOSSES
+REDUCTIONS = losses.REDUCTIONS
 
 
 # ---------------------------------------------------------------------------------------------
-# losses
+# losses (thin front ends over curvature.losses)
 
 
-def _check_reduction(reduction: str) -> None:
+def _resolve(loss: Loss, reduction: str) -> losses.Loss:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def _check_loss_name(loss: Loss) -> None:
-    if not callable(loss) and loss not in LOSSES:
-        raise ValueError(
-            f"loss must be one of {LOSSES} or a callable loss(output, target) for one sample, "
-            f"got {loss!r}"
-        )
-
-
-def _check_targets(loss: Loss, outputs: jax.Array, targets: jax.Array) -> None:
-    if callable(loss):
-        if targets.shape[:1] != outputs.shape[:1]:
-            raise ValueError(
-                f"targets must have the batch size of the outputs ({outputs.shape[0]}) in their "
-                f"first axis for a per-sample callable loss, got shape {targets.shape}"
-            )
-        return
-    if outputs.ndim < 2:
-        raise ValueError(
-            f"outputs of the model must be at least (N, C) for loss {loss!r}, got {outputs.shape}"
-        )
-    if loss == "cross_entropy":
-        if targets.shape != outputs.shape[:-1]:
-            raise ValueError(
-                "targets for 'cross_entropy' must be integer labels of shape outputs.shape[:-1] = "
-                f"{outputs.shape[:-1]}, got shape {targets.shape}"
-            )
-        if not jnp.issubdtype(targets.dtype, jnp.integer):
-            raise TypeError(
-                f"targets for 'cross_entropy' must be integer labels, got dtype {targets.dtype}"
-            )
-    elif targets.shape != outputs.shape:
-        raise ValueError(
-            f"targets for {loss!r} must have the shape of the outputs {outputs.shape}, "
-            f"got {targets.shape}"
-        )
-
-
-def _per_sample_callable(loss: Callable, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    values = jax.vmap(loss)(outputs, targets)
-    if values.shape != (outputs.shape[0],):
-        raise ValueError(
-            "a callable loss must map ONE sample's (output, target) to a scalar; it returned "
-            f"shape {values.shape[1:]} per sample"
-        )
-    return values
+    return losses.get(loss)
 
 
 def batch_loss(loss: Loss, reduction: str = "mean") -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The mini-batch loss :math:`L = c \\sum_t \\ell_t` as a function of outputs and targets.
 
     :math:`c = 1/T` for ``"mean"`` (T the number of terms: samples for a callable, every
-    position of a cross-entropy, every entry of MSE and BCE) and :math:`c = 1` for ``"sum"``.
+    position of a cross-entropy, every entry of MSE and BCE) and :math:`c = 1` for ``"sum"``;
+    the per-sample terms are :mod:`jaxopt_suite.curvature.losses`'.
 
     Args:
       loss: ``"cross_entropy"``, ``"mse"``, ``"bce_with_logits"`` or a per-sample callable
@@ -108,37 +66,23 @@ def batch_loss(loss: Loss, reduction: str = "mean") -> Callable[[jax.Array, jax.
     Returns:
       ``fn(outputs, targets) -> scalar``; it checks the targets' shape when traced.
 
+    Raises:
+      ValueError: an unknown loss name or reduction; at trace time, targets that don't fit.
+
     Example:
       >>> fn = batch_loss("mse")
       >>> float(fn(jnp.ones((2, 3)), jnp.zeros((2, 3))))
       1.0
     """
-    _check_loss_name(loss)
-    _check_reduction(reduction)
-    reduce = jnp.mean if reduction == "mean" else jnp.sum
+    spec = _resolve(loss, reduction)
 
     def fn(outputs: jax.Array, targets: jax.Array) -> jax.Array:
         outputs, targets = jnp.asarray(outputs), jnp.asarray(targets)
-        _check_targets(loss, outputs, targets)
-        if callable(loss):
-            terms = _per_sample_callable(loss, outputs, targets)
-        elif loss == "cross_entropy":
-            terms = optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
-        elif loss == "mse":
-            terms = (outputs - targets) ** 2
-        else:
-            terms = optax.sigmoid_binary_cross_entropy(outputs, targets)
-        return reduce(terms)
+        spec.check(outputs, targets)
+        c = losses.scale(reduction, spec, outputs.shape)
+        return c * jnp.sum(spec.per_sample(outputs, targets))
 
     return fn
-
-
-def _num_terms(loss: Loss, outputs: jax.Array) -> int:
-    if callable(loss):
-        return outputs.shape[0]
-    if loss == "cross_entropy":
-        return outputs.size // outputs.shape[-1]
-    return outputs.size
 
 
 def loss_hessian_sqrt(
@@ -162,12 +106,14 @@ def loss_hessian_sqrt(
 
     Monte Carlo (``mc_samples=M``): :math:`\\tilde S_m = \\nabla_f(-\\log p(\\tilde y_m\\mid f))
     /\\sqrt M` with :math:`\\tilde y_m` drawn from the model's predictive distribution
-    (categorical; Gaussian :math:`\\mathcal N(f, 1/2)`; Bernoulli), so
+    (categorical; Gaussian :math:`\\mathcal N(f, 1/2)`; Bernoulli; for a callable, Gaussian
+    mixtures :math:`S z` of the exact columns, :math:`z \\sim \\mathcal N(0, I)`), so
     :math:`\\mathbb E[\\tilde S\\tilde S^\\top] = H`. Both are multiplied by :math:`\\sqrt c`
-    (``1/sqrt(T)`` for ``"mean"``, see :func:`batch_loss`).
+    (``1/sqrt(T)`` for ``"mean"``, see :func:`batch_loss`). The columns come from
+    :mod:`jaxopt_suite.curvature.losses` and are returned in ``outputs.dtype``.
 
     Args:
-      loss: a loss name of :data:`LOSSES` or a per-sample callable (exact only).
+      loss: a loss name of :data:`LOSSES` or a per-sample callable.
       outputs: model outputs ``(N, ...)``.
       targets: as for :func:`batch_loss` (only the callable's Hessian depends on them).
       reduction: ``"mean"`` or ``"sum"``.
@@ -184,74 +130,19 @@ def loss_hessian_sqrt(
       >>> s.shape
       (3, 4, 3)
     """
-    _check_loss_name(loss)
-    _check_reduction(reduction)
+    spec = _resolve(loss, reduction)
     outputs, targets = jnp.asarray(outputs), jnp.asarray(targets)
-    _check_targets(loss, outputs, targets)
-    scale = 1.0 / jnp.sqrt(_num_terms(loss, outputs)) if reduction == "mean" else 1.0
-    if mc_samples is not None:
-        if callable(loss):
-            raise ValueError(
-                "mc_samples needs a named loss (its predictive distribution); for a callable "
-                f"loss use the exact square root (mc_samples=None); named losses: {LOSSES}"
-            )
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive int or None, got {mc_samples!r}")
-        if key is None:
-            raise ValueError("key is required for Monte Carlo columns (mc_samples is set)")
-        return scale * _mc_sqrt(loss, outputs, key, mc_samples)
-    return scale * _exact_sqrt(loss, outputs, targets)
-
-
-def _exact_sqrt(loss: Loss, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    n = outputs.shape[0]
-    if callable(loss):
-        flat = outputs.reshape(n, -1)
-
-        def sqrt_one(out_flat, target):
-            hess = jax.hessian(lambda o: loss(o.reshape(outputs.shape[1:]), target))(out_flat)
-            eigvals, eigvecs = jnp.linalg.eigh(hess)
-            return eigvecs * jnp.sqrt(jnp.maximum(eigvals, 0.0))  # (D, K): columns
-
-        cols = jax.vmap(sqrt_one)(flat, targets)  # (N, D, K)
-        return jnp.moveaxis(cols, -1, 0).reshape(-1, *outputs.shape)
-    if loss == "cross_entropy":
-        c = outputs.shape[-1]
-        p = jax.nn.softmax(outputs, axis=-1)
-        sqrt_p = jnp.sqrt(p)
-        # per position: S[k, j] = delta_kj sqrt(p_j) - p_k sqrt(p_j)
-        blocks = (jnp.eye(c, dtype=p.dtype) - p[..., :, None]) * sqrt_p[..., None, :]
-        positions = p.shape[1:-1]
-        num_pos = math.prod(positions)
-        blocks = blocks.reshape(n, num_pos, c, c)
-        cols = jnp.einsum("pq,nqkj->pjnqk", jnp.eye(num_pos, dtype=p.dtype), blocks)
-        return cols.reshape(num_pos * c, *outputs.shape)
-    if loss == "mse":
-        d = outputs[0].size
-        eye = jnp.sqrt(2.0) * jnp.eye(d, dtype=outputs.dtype)
-        cols = jnp.broadcast_to(eye[:, None, :], (d, n, d))
-        return cols.reshape(d, *outputs.shape)
-    d = outputs[0].size
-    sig = jax.nn.sigmoid(outputs).reshape(n, d)
-    root = jnp.sqrt(sig * (1.0 - sig))
-    cols = jnp.einsum("kj,nj->knj", jnp.eye(d, dtype=root.dtype), root)
-    return cols.reshape(d, *outputs.shape)
-
-
-def _mc_sqrt(loss: str, outputs: jax.Array, key: jax.Array, m: int) -> jax.Array:
-    shape = (m, *outputs.shape)
-    if loss == "cross_entropy":
-        c = outputs.shape[-1]
-        labels = jax.random.categorical(key, outputs, axis=-1, shape=(m, *outputs.shape[:-1]))
-        cols = jax.nn.softmax(outputs, axis=-1) - jax.nn.one_hot(labels, c, dtype=outputs.dtype)
-    elif loss == "mse":
-        # y ~ N(f, 1/2): grad_f (f - y)^2 = 2 (f - y) = -sqrt(2) eps, eps ~ N(0, 1)
-        cols = jnp.sqrt(2.0) * jax.random.normal(key, shape, outputs.dtype)
-    else:
-        sig = jax.nn.sigmoid(outputs)
-        draws = jax.random.bernoulli(key, sig, shape).astype(outputs.dtype)
-        cols = sig - draws
-    return cols / jnp.sqrt(m)
+    spec.check(outputs, targets)
+    c = losses.scale(reduction, spec, outputs.shape)
+    if mc_samples is None:
+        cols = spec.sqrt_hessian(outputs, targets)
+        return (math.sqrt(c) * cols).astype(outputs.dtype)
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive int or None, got {mc_samples!r}")
+    if key is None:
+        raise ValueError("key is required for Monte Carlo columns (mc_samples is set)")
+    cols = spec.sample_sqrt_hessian(key, outputs, targets, mc_samples)
+    return (math.sqrt(c / mc_samples) * cols).astype(outputs.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
