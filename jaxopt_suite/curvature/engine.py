@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_suite.curvature import generic, layers, losses, rules
+from jaxopt_suite.curvature import columns as columns_lib
+from jaxopt_suite.curvature import generic, hessian, kron, layers, losses, rules
 from jaxopt_suite.curvature import quantities as quantities_lib
 
 PyTree = Any
@@ -95,7 +96,7 @@ def value_and_grad(
             needs[q.source].append(q.statistic)
 
     def fn(params: PyTree, inputs: Any, targets: jax.Array, *, key: jax.Array | None = None):
-        if "ggn_mc" in needs and key is None:
+        if any(q.source == "ggn_mc" for q in wanted.values()) and key is None:
             mc = [n for n, q in wanted.items() if q.source == "ggn_mc"]
             raise ValueError(f"quantities {mc} are Monte-Carlo estimates: pass key=")
         leaves, treedef = jax.tree.flatten(params)
@@ -103,13 +104,22 @@ def value_and_grad(
         calls = _discover(apply_fn, leaves, treedef, inputs, batch) if structured and needs else {}
         zeros = {i: jnp.zeros(c.output.shape, c.output.dtype) for i, c in calls.items()}
 
-        def forward(leaves, perturbations):
+        def forward(leaves, perturbations, x=inputs):
             recorder = layers.Recorder(perturbations=perturbations)
             with layers.recording(recorder):
-                out = apply_fn(jax.tree.unflatten(treedef, leaves), inputs)
+                out = apply_fn(jax.tree.unflatten(treedef, leaves), x)
             return out, recorder.inputs
 
-        outputs, vjp_fn, layer_inputs = jax.vjp(forward, leaves, zeros, has_aux=True)
+        residual = None
+        if "hessian" in needs:
+            try:
+                residual = _Residual(forward, leaves, zeros, inputs)
+            except hessian.Unsupported:
+                residual = None
+        if residual is not None and residual.sites:
+            outputs, vjp_fn, layer_inputs = residual.vjp
+        else:
+            outputs, vjp_fn, layer_inputs = jax.vjp(forward, leaves, zeros, has_aux=True)
         loss_obj.check(outputs, targets)
         c = losses.scale(reduction, loss_obj, outputs.shape)
 
@@ -118,22 +128,41 @@ def value_and_grad(
 
         value, g_out = jax.value_and_grad(total)(outputs)
         grad_leaves, deltas = vjp_fn(g_out)
+        if residual is not None and residual.sites:
+            residual.finish(g_out)
 
         columns = {}
         if "grad" in needs:
             columns["grad"] = g_out[None]
-        if "ggn_exact" in needs:
-            columns["ggn_exact"] = np.sqrt(c) * loss_obj.sqrt_hessian(outputs, targets)
+        if needs.keys() & {"ggn_exact", "hessian", "batch_average"}:
+            columns["ggn_exact"] = _columns(
+                np.sqrt(c) * loss_obj.sqrt_hessian(_wide(outputs), targets), outputs.dtype
+            )
         if "ggn_mc" in needs:
-            draws = loss_obj.sample_sqrt_hessian(key, outputs, targets, mc_samples)
-            columns["ggn_mc"] = np.sqrt(c / mc_samples) * draws
+            draws = loss_obj.sample_sqrt_hessian(key, _wide(outputs), targets, mc_samples)
+            columns["ggn_mc"] = _columns(np.sqrt(c / mc_samples) * draws, outputs.dtype)
 
         owner = _owners(calls)
         prepared = {i: rules.prepare(calls[i], x) for i, x in layer_inputs.items()}
         free = [i for i in range(len(leaves)) if i not in owner]
+
+        def apply_free(free_leaves, x):
+            full = list(leaves)
+            for j, leaf in zip(free, free_leaves, strict=True):
+                full[j] = leaf
+            return apply_fn(jax.tree.unflatten(treedef, full), x)
+
         results: dict[str, dict[str, list]] = {}
         for source, stats in needs.items():
-            cols = columns[source]
+            if source == "hessian" and residual is None:
+                results[source] = _generic_hessian(
+                    apply_fn, treedef, loss_obj, c, params, inputs, targets, stats, chunk_size
+                )
+                continue
+            if source == "batch_average":
+                results[source] = _kfra(forward, zeros, calls, leaves, owner, prepared, columns)
+                continue
+            cols = columns["ggn_exact" if source == "hessian" else source]
             if calls:
                 layer_deltas = (
                     {i: d[None] for i, d in deltas.items()}
@@ -142,26 +171,23 @@ def value_and_grad(
                 )
             per_leaf: dict[str, list] = {s: [None] * len(leaves) for s in stats}
             for i, (call_index, role) in owner.items():
-                call = calls[call_index]
                 for s in stats:
-                    per_leaf[s][i] = rules.layer_statistic(
-                        s, call, role, prepared[call_index], layer_deltas[call_index]
+                    per_leaf[s][i] = _layer_statistic(
+                        s, calls[call_index], role, prepared[call_index], layer_deltas[call_index]
                     )
             if free:
-                fixed = list(leaves)
-
-                def apply_free(free_leaves, x, fixed=fixed):
-                    full = list(fixed)
-                    for j, leaf in zip(free, free_leaves, strict=True):
-                        full[j] = leaf
-                    return apply_fn(jax.tree.unflatten(treedef, full), x)
-
-                found = generic.statistics(
+                found = _generic_statistics(
                     apply_free, [leaves[j] for j in free], inputs, cols, stats, chunk_size
                 )
                 for s in stats:
                     for j, v in zip(free, found[s], strict=True):
                         per_leaf[s][j] = v
+            if source == "hessian" and residual.sites:
+                extra = residual.statistics(
+                    stats, calls, owner, prepared, free, leaves, apply_fn, treedef, chunk_size
+                )
+                for s in stats:
+                    per_leaf[s] = [a + b for a, b in zip(per_leaf[s], extra[s], strict=True)]
             results[source] = per_leaf
 
         extras = {}
@@ -169,10 +195,245 @@ def value_and_grad(
             values = results[q.source][q.statistic]
             if q.finish is not None:
                 values = [q.finish(v, g, batch) for v, g in zip(values, grad_leaves, strict=True)]
+            values = [_as_leaf_dtype(v, leaf) for v, leaf in zip(values, leaves, strict=True)]
             extras[name] = jax.tree.unflatten(treedef, values)
         return value, jax.tree.unflatten(treedef, grad_leaves), extras
 
     return fn
+
+
+def _wide(x: jax.Array) -> jax.Array:
+    """``x`` in float32 at least (loss-Hessian square roots of bfloat16 outputs)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _columns(cols: jax.Array, dtype: Any) -> jax.Array:
+    """Columns computed in float32, cast to the outputs' dtype for the backward pass."""
+    return cols.astype(dtype)
+
+
+def _as_leaf_dtype(value: Any, leaf: jax.Array) -> Any:
+    return jax.tree.map(lambda v: v.astype(leaf.dtype) if _low(leaf) else v, value)
+
+
+def _low(a: Any) -> bool:
+    return jnp.dtype(a.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _layer_statistic(
+    statistic: str, call: layers.LayerCall, role: str, prepared: jax.Array, delta: jax.Array
+) -> Any:
+    """One statistic of a recognised layer's leaf; low-precision inputs are widened to float32
+    first, so sums of squares and factors accumulate in float32."""
+    if _low(prepared) or _low(delta):
+        prepared, delta = _wide(prepared), _wide(delta)
+    if statistic == "columns":
+        return columns_lib.layer_columns(call, role, prepared, delta)
+    if statistic == "kron":
+        return kron.layer_factors(call, role, prepared, delta)
+    return rules.layer_statistic(statistic, call, role, prepared, delta)
+
+
+def _generic_statistics(apply_free, free_leaves, inputs, cols, stats, chunk_size):
+    """The generic path for every statistic: :mod:`generic` for the first-part ones,
+    per-sample column gradients (:mod:`columns`) for ``columns`` and ``kron``."""
+    base = [s for s in stats if s in rules.STATISTICS]
+    found = (
+        generic.statistics(apply_free, free_leaves, inputs, cols, base, chunk_size) if base else {}
+    )
+    if set(stats) - set(base):
+        grads = columns_lib.per_sample_gradients(apply_free, free_leaves, inputs, cols, chunk_size)
+        if "columns" in stats:
+            found["columns"] = grads
+        if "kron" in stats:
+            found["kron"] = [
+                kron.generic_factors(g, leaf) for g, leaf in zip(grads, free_leaves, strict=True)
+            ]
+    return found
+
+
+def _kfra(forward, zeros, calls, leaves, owner, prepared, columns) -> dict[str, list]:
+    """``kron`` statistic of KFRA: A as KFLR's, G backpropagated by :func:`kron.kfra`;
+    ``None`` for leaves without a Dense rule."""
+    out = [None] * len(leaves)
+    if calls:
+        hess = kron._outer(columns["ggn_exact"])
+        g = kron.kfra(lambda p: forward(leaves, p), zeros, calls, leaves, hess)
+        for i, (call_index, role) in owner.items():
+            if role == "bias":
+                out[i] = (g[call_index],)
+            else:
+                x = _wide(prepared[call_index])
+                out[i] = (x.T @ x / x.shape[0], g[call_index])
+    return {"kron": out}
+
+
+def _generic_hessian(apply_fn, treedef, loss_obj, c, params, inputs, targets, stats, chunk_size):
+    """Exact Hessian diagonals by one-hot HVPs (:func:`hessian.generic_diagonal`)."""
+
+    def per_sample_loss(p, x, y):
+        return c * loss_obj.per_sample(apply_fn(p, x), y)[0]
+
+    out = {}
+    for s in stats:
+        tree = hessian.generic_diagonal(
+            per_sample_loss, params, inputs, targets, s == "individual_sum_sq", chunk_size
+        )
+        out[s] = jax.tree.leaves(tree)
+    return out
+
+
+class _Residual:
+    """The residual (activation-curvature) part of ``diag_h`` on the engine's forward pass.
+
+    Builds the instrumented forward (:func:`hessian.instrument`), runs the one VJP with a zero
+    perturbation at every site output, and after :meth:`finish` has the output cotangent,
+    backpropagates the eigen-columns of each site's local Hessian to the layers
+    (:meth:`statistics`)."""
+
+    def __init__(self, forward, leaves, zeros, inputs):
+        self.inputs = inputs
+        inst = hessian.instrument(forward, (True, True, False), leaves, zeros, inputs)
+        self.sites = inst.sites
+        if not self.sites:
+            return
+        site_zeros = [jnp.zeros(s.shape, s.dtype) for s in self.sites]
+
+        def run(leaves, perts, site_perts):
+            (out, rec), operands, hessians = inst.run(site_perts, leaves, perts, inputs)
+            return (out, operands), (rec, hessians)
+
+        (outputs, operands), full_vjp, (rec, self.hessians) = jax.vjp(
+            run, leaves, zeros, site_zeros, has_aux=True
+        )
+        self.operand_zeros = jax.tree.map(jnp.zeros_like, operands)
+        self.outputs = outputs
+        self.full_vjp = full_vjp
+
+        def vjp_fn(ct):
+            g_leaves, g_perts, _ = full_vjp((ct, self.operand_zeros))
+            return g_leaves, g_perts
+
+        self.vjp = (outputs, vjp_fn, rec)
+
+    def finish(self, g_out):
+        """Second derivatives times the site cotangents -> one table of signed columns: for each
+        (site, eigen-direction) a block of as many columns as the site has units."""
+        site_grads = self.full_vjp((g_out, self.operand_zeros))[2]
+        self.blocks = []
+        offset = 0
+        for s, (h, g) in enumerate(zip(self.hessians, site_grads, strict=True)):
+            units = hessian.site_units(self.sites[s])
+            n = g.shape[0]
+            for lam, weights in hessian.directions(h, g):
+                flat_w = tuple(w.reshape(n, -1) for w in weights)
+                self.blocks.append((s, offset, units, lam.reshape(n, -1), flat_w))
+                offset += units
+        self.total = offset
+
+    def _column(self, k):
+        """Column k: cotangents of every site's operands and its sign per sample (N,)."""
+        cots = [[None] * t.operands for t in self.sites]
+        sign = 0.0
+        for s, offset, units, lam, weights in self.blocks:
+            local = k - offset
+            inside = ((local >= 0) & (local < units)).astype(lam.dtype)
+            j = jnp.clip(local, 0, units - 1)
+            onehot = jax.nn.one_hot(j, units, dtype=lam.dtype) * inside
+            scale = jnp.sqrt(jnp.abs(lam[:, j]))
+            for o, w in enumerate(weights):
+                part = (w[:, j] * scale)[:, None] * onehot[None]
+                cots[s][o] = part if cots[s][o] is None else cots[s][o] + part
+            sign = sign + inside * jnp.sign(lam[:, j])
+        return cots, sign
+
+    def _site_cotangents(self, cots):
+        return [
+            tuple(c.reshape(t.shape).astype(t.dtype) for c in ops)
+            for t, ops in zip(self.sites, cots, strict=True)
+        ]
+
+    def statistics(self, stats, calls, owner, prepared, free, leaves, apply_fn, treedef, chunk):
+        """The residual part of each statistic per leaf (to add to the GGN's)."""
+        out = {st: [jnp.zeros(()) for _ in leaves] for st in stats}
+        if owner:
+            for i, values in self._structured(stats, calls, owner, prepared).items():
+                for st in stats:
+                    out[st][i] = values[st]
+        if free:
+            self._generic(stats, free, leaves, apply_fn, treedef, chunk, out)
+        return out
+
+    def _structured(self, stats, calls, owner, prepared):
+        """Backpropagates the columns one at a time (``lax.scan``: the memory of one column)
+        to the layers and accumulates the statistics of the positive ones minus those of the
+        negative ones."""
+        out_zero = jnp.zeros_like(self.outputs)
+        order = sorted(owner.items())
+
+        def stat(ci, role, delta):
+            return {st: _layer_statistic(st, calls[ci], role, prepared[ci], delta) for st in stats}
+
+        def body(acc, k):
+            cots, sign = self._column(k)
+            deltas = self.full_vjp((out_zero, self._site_cotangents(cots)))[1]
+            new = []
+            for (_, (ci, role)), old in zip(order, acc, strict=True):
+                d = _wide(deltas[ci])[None]
+                shape = (1, d.shape[1], *([1] * (d.ndim - 2)))
+                pos = stat(ci, role, d * (sign > 0).reshape(shape))
+                neg = stat(ci, role, d * (sign < 0).reshape(shape))
+                new.append({st: old[st] + pos[st] - neg[st] for st in stats})
+            return new, None
+
+        init = []
+        for _, (ci, role) in order:
+            zero = jnp.zeros((1, *calls[ci].output.shape), jnp.float32)
+            shapes = jax.eval_shape(lambda ci=ci, role=role, zero=zero: stat(ci, role, zero))
+            init.append({st: jnp.zeros(v.shape, v.dtype) for st, v in shapes.items()})
+        acc, _ = jax.lax.scan(body, init, jnp.arange(self.total))
+        return {i: a for (i, _), a in zip(order, acc, strict=True)}
+
+    def _generic(self, stats, free, leaves, apply_fn, treedef, chunk, out):
+        """Free leaves: the same columns through :func:`generic.statistics`, with the model
+        re-interpreted on one sample and every site's operands as its output."""
+        single = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), self.inputs
+        )
+        inst = hessian.instrument(
+            lambda ls, x: apply_fn(jax.tree.unflatten(treedef, ls), x),
+            (True, False),
+            [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves],
+            single,
+        )
+        if [(t.shape[1:], t.operands) for t in self.sites] != [
+            (t.shape[1:], t.operands) for t in inst.sites
+        ]:
+            raise ValueError(
+                "diag_h: the model's nonlinear nodes differ between a batch of one sample and "
+                "the full batch; the model must treat samples alike"
+            )
+        site_zeros = [jnp.zeros((1, *t.shape[1:]), t.dtype) for t in inst.sites]
+
+        def apply_sites(free_leaves, x):
+            full = list(leaves)
+            for j, leaf in zip(free, free_leaves, strict=True):
+                full[j] = leaf
+            operands = inst.run(site_zeros, full, x)[1]
+            return jnp.concatenate([o.reshape(1, -1) for ops in operands for o in ops], axis=-1)
+
+        def column(k):
+            cots, sign = self._column(k)
+            return jnp.concatenate([c for ops in cots for c in ops], axis=-1), sign
+
+        cols, signs = jax.vmap(column)(jnp.arange(self.total))  # (K, N, D), (K, N)
+        free_leaves = [leaves[j] for j in free]
+        for sign in (1.0, -1.0):
+            masked = cols * (signs * sign > 0)[..., None].astype(cols.dtype)
+            found = generic.statistics(apply_sites, free_leaves, self.inputs, masked, stats, chunk)
+            for st in stats:
+                for j, v in zip(free, found[st], strict=True):
+                    out[st][j] = out[st][j] + sign * v
 
 
 def _discover(apply_fn, leaves, treedef, inputs, batch) -> dict[int, layers.LayerCall]:

@@ -8,7 +8,16 @@ per-(column, sample) gradients :math:`\hat g_{k,n} = J_n^\top s_{k,n}`, where th
   and :math:`\sum_n \hat g_n = \nabla L`),
 * ``ggn_exact``: the columns of :math:`\sqrt{c} S_n` with :math:`S_n S_n^\top = \nabla_f^2
   \ell_n`,
-* ``ggn_mc``: ``M`` Monte-Carlo columns :math:`\sqrt{c/M}\, \tilde s_{m,n}`.
+* ``ggn_mc``: ``M`` Monte-Carlo columns :math:`\sqrt{c/M}\, \tilde s_{m,n}`,
+* ``hessian``: the ``ggn_exact`` columns plus the signed eigen-columns of the model's
+  nonlinearities (:mod:`~jaxopt_suite.curvature.hessian`), whose statistics add up to the
+  Hessian diagonal,
+* ``batch_average``: KFRA's batch-averaged Hessian backpropagated layer to layer
+  (:func:`~jaxopt_suite.curvature.kron.kfra`).
+
+Besides the first-part statistics of :mod:`~jaxopt_suite.curvature.rules`, ``columns`` keeps
+every :math:`\hat g_{k,n}` (``(K, N, *leaf)``, :mod:`~jaxopt_suite.curvature.columns`) and
+``kron`` reduces them to Kronecker factors (:mod:`~jaxopt_suite.curvature.kron`).
 
 Per parameter leaf:
 
@@ -18,7 +27,9 @@ Per parameter leaf:
    \text{variance} = \tfrac{1}{N}\text{sum\_grad\_squared} - (\nabla L / N)^{\odot 2},
 
    \text{diag\_ggn} = \sum_{n,k} (J_n^\top s_{k,n})^{\odot 2}, \quad
-   \text{diag\_ggn\_batch}_n = \sum_k (J_n^\top s_{k,n})^{\odot 2}.
+   \text{diag\_ggn\_batch}_n = \sum_k (J_n^\top s_{k,n})^{\odot 2}, \quad
+   \text{sqrt\_ggn} = [\hat g_{k,n}]_{k,n}, \quad
+   \text{kflr, kfac, kfra} = (A, G) \text{ per kernel}, \ (G,) \text{ per bias}.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from typing import NamedTuple
 
 import jax
 
-SOURCES = ("grad", "ggn_exact", "ggn_mc")
+SOURCES = ("grad", "ggn_exact", "ggn_mc", "hessian", "batch_average")
 
 
 class Quantity(NamedTuple):
@@ -58,6 +69,13 @@ QUANTITIES: dict[str, Quantity] = {
     "diag_ggn_mc": Quantity("ggn_mc", "sum_sq"),
     "diag_ggn_exact_batch": Quantity("ggn_exact", "individual_sum_sq"),
     "diag_ggn_mc_batch": Quantity("ggn_mc", "individual_sum_sq"),
+    "sqrt_ggn_exact": Quantity("ggn_exact", "columns"),
+    "sqrt_ggn_mc": Quantity("ggn_mc", "columns"),
+    "kflr": Quantity("ggn_exact", "kron"),
+    "kfac": Quantity("ggn_mc", "kron"),
+    "kfra": Quantity("batch_average", "kron"),
+    "diag_h": Quantity("hessian", "sum_sq"),
+    "diag_h_batch": Quantity("hessian", "individual_sum_sq"),
 }
 
 

@@ -1,0 +1,305 @@
+r"""The Hessian diagonal: the GGN diagonal plus the curvature of the model's nonlinearities.
+
+For :math:`L = c\sum_n \ell(f(\theta, x_n), y_n)` the Hessian splits, by the chain rule through
+the model's computation graph, into the GGN and one *residual* term per nonlinear node
+:math:`v = \phi(u_1, \ldots, u_m)`:
+
+.. math::
+   \nabla^2_\theta L = \sum_n J_n^\top (c\, \nabla_f^2 \ell_n) J_n
+   + \sum_{\text{nodes}} \sum_{n, j} \frac{\partial L}{\partial v_{n,j}}\,
+     \big(\tfrac{\partial u_{n,j}}{\partial \theta}\big)^\top
+     \nabla^2_{u} \phi\, \big(\tfrac{\partial u_{n,j}}{\partial \theta}\big).
+
+For an *elementwise* node the local Hessian is a scalar (one operand: :math:`\phi''`) or a 2×2
+matrix (two operands, e.g. ``x * sigmoid(x)``) per unit j. Writing :math:`g \nabla^2\phi =
+\sum_d \lambda_d w_d w_d^\top` (its eigen-decomposition), the residual's diagonal is
+
+.. math:: \sum_{n,j,d} \lambda_{d,n,j} \Big(\big(\tfrac{\partial (w_d^\top u)_{n,j}}
+          {\partial\theta}\big)^{\odot 2}\Big),
+
+i.e. the ``sum_sq`` statistic of the cotangent columns :math:`\sqrt{\max(\lambda,0)}\, w\, e_j`
+minus that of :math:`\sqrt{\max(-\lambda,0)}\, w\, e_j`, backpropagated from the node's
+operands (BackPACK does the same for its activation modules). Piecewise-linear nodes (``max``,
+``abs``, ``select_n``, ReLU, max-pooling, ...) have zero second derivative almost everywhere and
+cost nothing, so a ReLU network's ``diag_h`` costs its ``diag_ggn_exact``.
+
+The nodes are found by interpreting the jaxpr of the model (:func:`instrument`); nested
+``jit``, ``custom_jvp`` and ``custom_vjp`` calls are inlined (their primal computation is
+differentiated). A dependent node the mechanism can't express exactly (a product of two
+parameter-dependent matrices such as attention scores, loops, unknown primitives) raises
+:class:`Unsupported`, and the engine falls back to :func:`generic_diagonal`: exact per-sample
+Hessian diagonals from Hessian-vector products with one-hot tangents (cost: one HVP per
+parameter and sample; for small models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core
+from jax.flatten_util import ravel_pytree
+
+# Linear in every operand (or in the dependent one): no residual term.
+_LINEAR = {
+    "add", "add_any", "sub", "neg", "convert_element_type", "reduce_sum", "broadcast_in_dim",
+    "reshape", "transpose", "squeeze", "expand_dims", "slice", "dynamic_slice",
+    "dynamic_update_slice", "concatenate", "pad", "rev", "copy", "copy_p", "reduce_precision",
+    "real", "imag", "conj", "cumsum", "gather", "scatter-add", "scatter_add", "select_n",
+    "reduce_and", "reduce_or", "split", "sharding_constraint", "optimization_barrier",
+}  # fmt: skip
+# Piecewise linear: second derivative zero almost everywhere.
+_PIECEWISE = {
+    "max", "min", "abs", "sign", "floor", "ceil", "round", "clamp", "reduce_max", "reduce_min",
+    "argmax", "argmin", "sort", "cummax", "cummin", "rem", "reduce_window_max",
+    "reduce_window_min", "select_and_gather_add", "nextafter", "reduce_window_sum",
+    "reduce_window",
+}  # fmt: skip
+# Elementwise with a generally non-zero second derivative.
+_SMOOTH = {
+    "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "erf", "erfc", "erf_inv",
+    "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh",
+    "sqrt", "rsqrt", "cbrt", "integer_pow", "square", "lgamma", "digamma", "pow", "atan2",
+    "mul", "div",
+}  # fmt: skip
+# Bilinear maps: linear unless both operands depend on the parameters.
+_BILINEAR = {"dot_general", "conv_general_dilated", "mul"}
+_NESTED = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+_NO_DERIVATIVE = {"stop_gradient", "iota", "random_bits", "random_seed", "random_wrap"}
+
+
+class Unsupported(Exception):
+    """A parameter-dependent node whose residual the elementwise mechanism can't express."""
+
+
+class Site(NamedTuple):
+    """A nonlinear elementwise node: its dependent operands' shape and their count (1 or 2)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    operands: int
+
+
+class _Context:
+    def __init__(self, perturbations: Sequence[jax.Array] | None):
+        self.perturbations = perturbations
+        self.sites: list[Site] = []
+        self.operands: list[tuple[jax.Array, ...]] = []
+        self.hessians: list[tuple[jax.Array, ...]] = []
+
+
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _second_derivatives(fn: Callable, values: list, which: list[int]) -> tuple[jax.Array, ...]:
+    """Per-element second derivatives of an elementwise ``fn`` in the operands ``which``:
+    ``(φ'',)`` for one operand, ``(∂aa, ∂ab, ∂bb)`` for two; computed in float32 at least."""
+    values = [
+        v.astype(jnp.promote_types(v.dtype, jnp.float32)) if i in which else v
+        for i, v in enumerate(values)
+    ]
+
+    def along(tangents):
+        def first(*ops):
+            full = list(values)
+            for i, o in zip(which, ops, strict=True):
+                full[i] = o
+            return fn(*full)
+
+        primals = tuple(values[i] for i in which)
+        return lambda t2: jax.jvp(lambda *ops: jax.jvp(first, ops, tangents)[1], primals, t2)[1]
+
+    ones = [jnp.ones_like(values[i]) for i in which]
+    zeros = [jnp.zeros_like(values[i]) for i in which]
+    if len(which) == 1:
+        return (along((ones[0],))((ones[0],)),)
+    ea, eb = (ones[0], zeros[1]), (zeros[0], ones[1])
+    return along(ea)(ea), along(ea)(eb), along(eb)(eb)
+
+
+def _apply(eqn: core.JaxprEqn, vals: list, deps: list[bool], ctx: _Context):
+    name = eqn.primitive.name
+    params = dict(eqn.params)
+    nested = next((params[k] for k in _NESTED if k in params), None)
+    if nested is not None and any(deps):
+        closed = nested if isinstance(nested, core.ClosedJaxpr) else core.ClosedJaxpr(nested, ())
+        outs = _eval(closed.jaxpr, closed.consts, vals, deps, ctx)
+        return [o for o, _ in outs], [d for _, d in outs]
+    out = eqn.primitive.bind(*vals, **params)
+    outs = out if eqn.primitive.multiple_results else [out]
+    dependent = any(deps) and name not in _NO_DERIVATIVE
+    out_deps = [dependent and _is_float(o) for o in outs]
+    if not any(out_deps):
+        return outs, out_deps
+    which = [i for i, d in enumerate(deps) if d]
+    linear = (
+        name in _LINEAR
+        or name in _PIECEWISE
+        or (name in _BILINEAR and len(which) == 1)
+        or (name == "div" and which == [0])
+        or (name == "integer_pow" and params["y"] in (0, 1))
+    )
+    if linear:
+        return outs, out_deps
+    if name not in _SMOOTH or len(which) > 2:
+        raise Unsupported(
+            f"the primitive {name!r} with {len(which)} parameter-dependent operand(s)"
+        )
+    shape = tuple(vals[which[0]].shape)
+    if any(tuple(vals[i].shape) != shape for i in which) or tuple(outs[0].shape) != shape:
+        raise Unsupported(f"the primitive {name!r} with broadcasting operands")
+    index = len(ctx.sites)
+    ctx.sites.append(Site(shape, vals[which[0]].dtype, len(which)))
+    if ctx.perturbations is None:
+        return outs, out_deps
+    ctx.operands.append(tuple(vals[i] for i in which))
+    fn = lambda *ops: eqn.primitive.bind(*ops, **params)
+    ctx.hessians.append(
+        tuple(jax.lax.stop_gradient(h) for h in _second_derivatives(fn, vals, which))
+    )
+    return [outs[0] + ctx.perturbations[index].astype(outs[0].dtype)], out_deps
+
+
+def _eval(jaxpr: core.Jaxpr, consts: Sequence, args: Sequence, deps: Sequence[bool], ctx):
+    env: dict = {}
+
+    def read(v):
+        if isinstance(v, core.Literal):
+            return v.val, False
+        return env[v]
+
+    for v, c in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = (c, False)
+    for v, a, d in zip(jaxpr.invars, args, deps, strict=True):
+        env[v] = (a, d)
+    for eqn in jaxpr.eqns:
+        read_in = [read(v) for v in eqn.invars]
+        vals = [x for x, _ in read_in]
+        ds = [d for _, d in read_in]
+        outs, out_deps = _apply(eqn, vals, ds, ctx)
+        for v, o, d in zip(eqn.outvars, outs, out_deps, strict=True):
+            if not isinstance(v, core.DropVar):
+                env[v] = (o, d)
+    return [read(v) for v in jaxpr.outvars]
+
+
+class Instrumented(NamedTuple):
+    """``fn`` with its nonlinear elementwise nodes exposed (see :func:`instrument`)."""
+
+    sites: list[Site]
+    run: Callable[..., tuple[Any, list[tuple[jax.Array, ...]], list[tuple[jax.Array, ...]]]]
+
+
+def instrument(fn: Callable, dependent: Sequence[bool], *example: Any) -> Instrumented:
+    """Finds the residual sites of ``fn(*args)`` (a pytree-valued function of pytrees).
+
+    Args:
+      fn: the function to interpret.
+      dependent: per positional argument, whether it counts as a parameter (a source of
+        residual terms) or as data.
+      *example: arguments (arrays or ShapeDtypeStructs) fixing the shapes.
+
+    Returns:
+      ``Instrumented(sites, run)``: ``run(site_perturbations, *args) -> (fn(*args) with each
+      site's output shifted by its perturbation, dependent operands per site, second
+      derivatives per site)``.
+
+    Raises:
+      Unsupported: a node the mechanism can't handle exactly.
+    """
+    flat_example, in_tree = jax.tree.flatten(example)
+    flags = []
+    for arg, d in zip(example, dependent, strict=True):
+        flags += [bool(d)] * len(jax.tree.leaves(arg))
+
+    def flat_fn(*flat):
+        return fn(*jax.tree.unflatten(in_tree, flat))
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*flat_example)
+    out_tree = jax.tree.structure(out_shape)
+    probe = _Context(None)
+    jax.eval_shape(
+        lambda *flat: _eval(closed.jaxpr, closed.consts, flat, flags, probe), *flat_example
+    )
+    sites = probe.sites
+
+    def run(perturbations, *args):
+        ctx = _Context(perturbations)
+        outs = _eval(closed.jaxpr, closed.consts, jax.tree.leaves(args), flags, ctx)
+        return jax.tree.unflatten(out_tree, [o for o, _ in outs]), ctx.operands, ctx.hessians
+
+    return Instrumented(sites, run)
+
+
+def directions(
+    hessians: tuple[jax.Array, ...], cotangent: jax.Array
+) -> list[tuple[jax.Array, tuple[jax.Array, ...]]]:
+    r"""The eigen-directions :math:`(\lambda_d, w_d)` of :math:`g \nabla^2\phi` per element.
+
+    One operand: :math:`(g\phi'', (1,))`. Two operands: the eigen-pairs of the symmetric
+    2×2 matrix :math:`g\,[[h_{aa}, h_{ab}], [h_{ab}, h_{bb}]]` in closed form (rotation angle
+    :math:`\tfrac12 \operatorname{atan2}(2m_{ab}, m_{aa} - m_{bb})`).
+    """
+    g = cotangent.astype(hessians[0].dtype)
+    if len(hessians) == 1:
+        return [(g * hessians[0], (jnp.ones_like(g),))]
+    maa, mab, mbb = (g * h for h in hessians)
+    angle = 0.5 * jnp.arctan2(2.0 * mab, maa - mbb)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    first = maa * cos**2 + 2.0 * mab * sin * cos + mbb * sin**2
+    second = maa * sin**2 - 2.0 * mab * sin * cos + mbb * cos**2
+    return [(first, (cos, sin)), (second, (-sin, cos))]
+
+
+def generic_diagonal(
+    per_sample_loss: Callable[[Any, Any, Any], jax.Array],
+    params: Any,
+    inputs: Any,
+    targets: Any,
+    per_sample: bool,
+    chunk_size: int | None = None,
+) -> Any:
+    r"""Exact Hessian diagonals by Hessian-vector products with one-hot tangents.
+
+    :math:`[\nabla^2 h_n]_{ii} = e_i^\top \nabla^2 h_n\, e_i` for every parameter i and sample n,
+    with :math:`h_n` = ``per_sample_loss(params, x_n, y_n)`` (the scaled loss term of one
+    sample). Costs one forward-over-reverse product per parameter and sample: for small models.
+
+    Args:
+      per_sample_loss: ``(params, x, y) -> scalar`` for a batch of one.
+      params: the parameters.
+      inputs, targets: the batch (leading axis N).
+      per_sample: return ``(N, *leaf)`` per leaf (``diag_h_batch``) or the sum (``diag_h``).
+      chunk_size: samples processed at once (None: all).
+
+    Returns:
+      A pytree like ``params``.
+    """
+    flat, unravel = ravel_pytree(params)
+    size = flat.shape[0]
+
+    def one(x_n, y_n):
+        single = jax.tree.map(lambda a: a[None], (x_n, y_n))
+        grad = jax.grad(lambda v: per_sample_loss(unravel(v), *single))
+
+        def entry(i):
+            e = jax.nn.one_hot(i, size, dtype=flat.dtype)
+            return jax.jvp(grad, (flat,), (e,))[1][i]
+
+        return jax.lax.map(entry, jnp.arange(size), batch_size=min(size, 64))
+
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    batch = None if chunk_size is None or chunk_size >= n else chunk_size
+    diag = jax.lax.map(lambda xy: one(*xy), (inputs, targets), batch_size=batch)
+    if per_sample:
+        return jax.vmap(unravel)(diag)
+    return unravel(diag.sum(axis=0))
+
+
+def site_units(site: Site) -> int:
+    """Units per sample of a site (its columns per direction)."""
+    return int(np.prod(site.shape[1:], dtype=np.int64))

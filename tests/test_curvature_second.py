@@ -1,0 +1,283 @@
+"""The second-part quantities of curvature.value_and_grad against brute force: GGN blocks from
+jax.jacrev and jax.hessian of an independently written loss, Hessian diagonals from
+jax.hessian, Kronecker factors from hand-written layer inputs and Jacobians."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jaxopt_suite import curvature, kronecker
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+SECOND = ("sqrt_ggn_exact", "kflr", "kfra", "diag_h", "diag_h_batch", "diag_ggn_exact")
+
+
+def ce_one(out, y):
+    return jax.nn.logsumexp(out) - out[y]
+
+
+def act(z):  # smooth activations side by side, with a product of two of them
+    return jnp.tanh(z) + nn.gelu(z) + nn.softplus(z) * nn.sigmoid(z)
+
+
+class MLP(nn.Module):
+    activation: object = act
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(4)(x)  # constructed first: Dense_0
+        return nn.Dense(3)(self.activation(h))
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Conv(2, (2, 2), strides=(2, 1), padding="SAME")(x))
+        h = nn.avg_pool(nn.sigmoid(h), (1, 2))
+        return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+
+class Norm(nn.Module):
+    """A LayerNorm (uncovered: generic residual path) between two Dense layers."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm()(nn.Dense(4)(x))
+        return nn.Dense(3)(jnp.tanh(h))
+
+
+class Bilinear(nn.Module):
+    """A product of two parameter-dependent matrices: the exact generic fallback."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(4)(x).reshape(x.shape[0], 2, 2)
+        return nn.Dense(3)((h @ h).reshape(x.shape[0], 4))
+
+
+class Skip(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(3)(x))
+        return nn.Dense(3)(h) + h
+
+
+def setup(model, shape, n, seed=0):
+    x = jax.random.normal(jax.random.key(seed + 1), (n, *shape))
+    y = jax.random.randint(jax.random.key(seed + 2), (n,), 0, 3)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.7, s.shape), jnp.float32), shapes)
+    return (lambda p, x: model.apply({"params": p}, x)), params, x, y
+
+
+def brute(apply, params, x, y):
+    """Full Hessian and GGN of the mean cross-entropy, and per-sample Hessian diagonals, by
+    jax.hessian / jax.jacrev of each sample's term (one jitted function)."""
+    flat, unravel = ravel_pytree(params)
+    n = x.shape[0]
+
+    @jax.jit
+    def run(flat, x, y):
+        def sample(xy):
+            xi, yi = xy
+            out_fn = lambda v: apply(unravel(v), xi[None])[0]
+            term = lambda v: ce_one(out_fn(v), yi) / n
+            jac = jax.jacrev(out_fn)(flat)
+            h_out = jax.hessian(ce_one)(out_fn(flat), yi) / n
+            return jax.hessian(term)(flat), jac.T @ h_out @ jac
+
+        hessians, ggns = jax.lax.map(sample, (x, y))
+        return hessians.sum(0), ggns.sum(0), jax.vmap(jnp.diag)(hessians)
+
+    hess, ggn, per_sample = run(flat, x, y)
+    return flat, unravel, hess, ggn, per_sample
+
+
+def blocks(params, matrix):
+    """Per-leaf diagonal blocks of a (P, P) matrix in ravel_pytree order."""
+    leaves = jax.tree.leaves(params)
+    out, start = [], 0
+    for leaf in leaves:
+        end = start + leaf.size
+        out.append(matrix[start:end, start:end])
+        start = end
+    return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+def close(a, b, **tol):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), **(tol or TOL))
+
+
+def check_diagonals(extras, params, unravel, hess, per_sample):
+    for got, want in zip(
+        jax.tree.leaves(extras["diag_h"]), jax.tree.leaves(unravel(jnp.diag(hess))), strict=True
+    ):
+        close(got, want)
+    want_batch = jax.vmap(unravel)(per_sample)
+    for got, want in zip(
+        jax.tree.leaves(extras["diag_h_batch"]), jax.tree.leaves(want_batch), strict=True
+    ):
+        close(got, want)
+
+
+def run(apply, params, x, y, quantities, **kw):
+    fn = curvature.value_and_grad(apply, loss="cross_entropy", quantities=quantities, **kw)
+    return jax.jit(fn)(params, x, y, key=kw.pop("key", None))[2]
+
+
+# --- the MLP: every new quantity, structured and generic -------------------------------------
+
+
+def test_mlp_every_new_quantity_both_paths():
+    apply, params, x, y = setup(MLP(), (2,), 3)
+    _, unravel, hess, ggn, per_sample = brute(apply, params, x, y)
+    ggn_blocks = blocks(params, ggn)
+    n = x.shape[0]
+    w1, b1 = params["Dense_0"]["kernel"], params["Dense_0"]["bias"]
+    w2 = params["Dense_1"]["kernel"]
+    z1 = x @ w1 + b1
+    h = act(z1)
+    out = h @ w2 + params["Dense_1"]["bias"]
+    h_out = jnp.stack([jax.hessian(ce_one)(out[i], y[i]) for i in range(n)]) / n
+    d1 = jax.vmap(jax.vmap(jax.grad(act)))(z1)  # (N, 4): the activation's derivative
+    # KFLR by hand: G_l = sum_n J_n^T (c H_n) J_n with J_n = d out / d z_l.
+    g2 = h_out.sum(0)
+    g1 = jnp.einsum("ni,ia,nab,jb,nj->ij", d1, w2, h_out, w2, d1)
+    # KFRA by hand: the batch-averaged Hessian backpropagated through W2 and the activation.
+    g1_kfra = (w2 @ g2 @ w2.T) * (d1.T @ d1) / n
+    _, _, reference = kronecker.mlp_value_grad_and_factors(params, x, y, activation=act)
+
+    for structured in (True, False):
+        extras = run(apply, params, x, y, SECOND, structured=structured)
+        check_diagonals(extras, params, unravel, hess, per_sample)
+        for v, block in zip(
+            jax.tree.leaves(extras["sqrt_ggn_exact"]), jax.tree.leaves(ggn_blocks), strict=True
+        ):
+            assert v.shape[:2] == (3, n)
+            flat_v = v.reshape(-1, block.shape[0])
+            close(flat_v.T @ flat_v, block)
+        kflr = extras["kflr"]
+        close(kflr["Dense_0"]["bias"][0], ggn_blocks["Dense_0"]["bias"])
+        close(kflr["Dense_1"]["bias"][0], ggn_blocks["Dense_1"]["bias"])
+        if not structured:  # kernels have no rule on the generic path
+            assert kflr["Dense_0"]["kernel"] is None and extras["kfra"]["Dense_0"]["bias"] is None
+            continue
+        close(kflr["Dense_0"]["kernel"][0], x.T @ x / n)
+        close(kflr["Dense_1"]["kernel"][0], h.T @ h / n)
+        close(kflr["Dense_0"]["kernel"][1], g1)
+        close(kflr["Dense_1"]["kernel"][1], g2)
+        for name in ("Dense_0", "Dense_1"):
+            for got, want in zip(kflr[name]["kernel"], reference[name]["kernel"], strict=True):
+                close(got, want)
+        kfra = extras["kfra"]
+        close(kfra["Dense_0"]["kernel"][0], x.T @ x / n)
+        close(kfra["Dense_1"]["kernel"][1], g2)
+        close(kfra["Dense_0"]["kernel"][1], g1_kfra)
+        close(kfra["Dense_0"]["bias"][0], g1_kfra)
+
+
+def test_batch_of_one_kronecker_product_is_the_exact_ggn_block():
+    apply, params, x, y = setup(MLP(), (2,), 1, seed=3)
+    _, _, _, ggn, _ = brute(apply, params, x, y)
+    want = blocks(params, ggn)
+    extras = run(apply, params, x, y, ("kflr", "kfra"))
+    for q in ("kflr", "kfra"):
+        for name in ("Dense_0", "Dense_1"):
+            a, g = extras[q][name]["kernel"]
+            close(jnp.kron(a, g), want[name]["kernel"])
+
+
+def test_kfac_and_sqrt_ggn_mc_converge_to_exact():
+    apply, params, x, y = setup(MLP(activation=jnp.tanh), (2,), 2, seed=4)
+    fn = curvature.value_and_grad(
+        apply,
+        loss="cross_entropy",
+        quantities=("kfac", "kflr", "sqrt_ggn_mc", "diag_ggn_exact"),
+        mc_samples=3000,
+    )
+    extras = jax.jit(fn)(params, x, y, key=jax.random.key(0))[2]
+    for mc, exact in zip(
+        jax.tree.leaves(extras["kfac"]), jax.tree.leaves(extras["kflr"]), strict=True
+    ):
+        close(mc, exact, atol=0.06 * float(jnp.abs(exact).max()), rtol=0)
+    for v, d in zip(
+        jax.tree.leaves(extras["sqrt_ggn_mc"]),
+        jax.tree.leaves(extras["diag_ggn_exact"]),
+        strict=True,
+    ):
+        assert v.shape[:2] == (3000, 2)
+        close((v**2).sum((0, 1)), d, atol=0.06 * float(jnp.abs(d).max()), rtol=0)
+
+
+# --- convolutions --------------------------------------------------------------------------
+
+
+def test_conv_factors_backpack_convention_and_diag_h():
+    apply, params, x, y = setup(CNN(), (3, 4, 2), 2, seed=5)
+    _, unravel, hess, ggn, per_sample = brute(apply, params, x, y)
+    extras = run(apply, params, x, y, ("kflr", "diag_h", "diag_h_batch", "sqrt_ggn_exact"))
+    check_diagonals(extras, params, unravel, hess, per_sample)
+    ggn_blocks = blocks(params, ggn)
+    # A: patches under each output position (kernel row-major (kh, kw, c_in)), by hand; SAME
+    # padding for a 2x2 kernel pads 0 before and 1 after; stride (2, 1).
+    xp = np.pad(np.asarray(x), ((0, 0), (0, 1), (0, 1), (0, 0)))
+    patches = [
+        xp[n, i : i + 2, j : j + 2, :].reshape(-1)
+        for n in range(2)
+        for i in range(0, 3, 2)
+        for j in range(4)
+    ]
+    patches = np.stack(patches)
+    a, g = extras["kflr"]["Conv_0"]["kernel"]
+    close(a, patches.T @ patches / 2)
+    close(g, ggn_blocks["Conv_0"]["bias"])
+    close(extras["kflr"]["Conv_0"]["bias"][0], ggn_blocks["Conv_0"]["bias"])
+    v = extras["sqrt_ggn_exact"]["Conv_0"]["kernel"].reshape(-1, 2 * 2 * 2 * 2)
+    close(v.T @ v, ggn_blocks["Conv_0"]["kernel"])
+
+
+# --- the Hessian diagonal beyond the elementwise mechanism -----------------------------------
+
+
+@pytest.mark.parametrize("model", [Norm(), Bilinear(), MLP(activation=nn.relu)])
+def test_diag_h_layernorm_fallback_and_relu(model):
+    apply, params, x, y = setup(model, (3,), 3, seed=6)
+    _, unravel, hess, _, per_sample = brute(apply, params, x, y)
+    extras = run(apply, params, x, y, ("diag_h", "diag_h_batch", "diag_ggn_exact"))
+    check_diagonals(extras, params, unravel, hess, per_sample)
+    if isinstance(model, MLP):  # piecewise linear: the Hessian diagonal is the GGN's
+        for a, b in zip(
+            jax.tree.leaves(extras["diag_h"]),
+            jax.tree.leaves(extras["diag_ggn_exact"]),
+            strict=True,
+        ):
+            close(a, b)
+
+
+# --- bfloat16 and errors -------------------------------------------------------------------
+
+
+def test_bfloat16_extras_in_leaf_dtype():
+    apply, params, x, y = setup(MLP(activation=jnp.tanh), (2,), 3, seed=7)
+    quantities = ("sqrt_ggn_exact", "kflr", "diag_h", "diag_ggn_exact")
+    want = run(apply, params, x, y, quantities)
+    low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), (params, x))
+    got = run(apply, *low, y, quantities)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == jnp.bfloat16
+        scale = float(jnp.abs(b).max())
+        close(np.asarray(a, np.float32), b, atol=0.05 * scale, rtol=0.05)
+
+
+def test_kfra_outside_a_chain_raises():
+    apply, params, x, y = setup(Skip(), (3,), 2)
+    with pytest.raises(ValueError, match="kfra needs"):
+        run(apply, params, x, y, ("kfra",))
+    with pytest.raises(ValueError, match=r"valid names: .*kfra.*diag_h_batch"):
+        curvature.value_and_grad(apply, loss="mse", quantities=("kfr",))
