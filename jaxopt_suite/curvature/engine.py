@@ -47,6 +47,21 @@ def value_and_grad(
     parameter takes the generic per-sample path (:mod:`jaxopt_suite.curvature.generic`) with
     the same results. Samples must not interact inside the model (no batch statistics).
 
+    Second-order quantities, per leaf: ``sqrt_ggn_exact`` / ``sqrt_ggn_mc`` are
+    :math:`V` of shape (K, N, *leaf) (K = the loss Hessian's square-root columns, or M MC
+    samples) with :math:`V V^\top` the leaf's GGN block; ``kflr`` / ``kfac`` / ``kfra`` are
+    ``(A, G)`` per Dense/Conv kernel (GGN block ≈ ``kron(A, G)`` in the row-major kernel
+    layout) and ``(G,)`` per bias (conventions: :mod:`jaxopt_suite.curvature.kron`; ``None``
+    where no rule applies); ``diag_h`` / ``diag_h_batch`` are the exact Hessian diagonal, the
+    GGN diagonal plus the curvature of the model's elementwise nonlinearities found in its
+    jaxpr, or, for models outside that mechanism (e.g. products of two parameter-dependent
+    matrices), per-sample Hessian-vector products with one-hot tangents (exact but one product
+    per parameter and sample; see :mod:`jaxopt_suite.curvature.hessian`).
+
+    bfloat16 (or float16) parameters and inputs: the loss-Hessian square roots and second
+    derivatives are computed in float32 and cast to the outputs' dtype for the backward pass;
+    statistics and Kronecker factors accumulate in float32 and come back in each leaf's dtype.
+
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs`` (N, ...), pure: e.g.
         ``lambda p, x: model.apply({"params": p}, x)`` or an ``nnx.merge`` of a graphdef.
@@ -56,6 +71,7 @@ def value_and_grad(
         from an eigendecomposition; negative eigenvalues are clipped to 0).
       reduction: ``"mean"`` or ``"sum"``.
       quantities: names among :data:`~jaxopt_suite.curvature.QUANTITIES` (static).
+        ``kfra`` needs Dense layers in a chain on (N, features) inputs (ValueError otherwise).
       mc_samples: Monte-Carlo samples M of the ``*_mc`` quantities.
       chunk_size: samples per chunk of the generic path (bounds its memory); None: all at once.
       structured: False forces the generic path for every parameter (for checking).
