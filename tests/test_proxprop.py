@@ -573,3 +573,61 @@ def test_non_finite_batch_leaves_parameters_untouched():
     state, _ = step(state, bad, jnp.array([0, 1, 0]))
     assert int(state.skipped) == 1
     jax.tree.map(np.testing.assert_array_equal, state.params, params)
+
+
+# ---------------------------------------------------------------- bfloat16
+
+
+def _bf16_exact(a):
+    """float32 values that bfloat16 represents exactly (so the reference sees the same data)."""
+    return np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+
+
+def test_bfloat16_dense_exact_solves_in_float32():
+    # A bfloat16 solve loses 1-2 % of the direction; in float32 only the final rounding to
+    # bfloat16 remains (half an ulp, 2^-9 relative).
+    n, fan_in, fan_out, tau = 48, 24, 4, 0.5
+    x = _bf16_exact(_rand(40, n, fan_in))
+    w = _bf16_exact(_rand(41, fan_in, fan_out) * 0.5)
+    b = np.zeros(fan_out, np.float32)
+    g_z = _bf16_exact(_rand(42, n, fan_out) / n)
+
+    def direction(x, w, b):
+        out = lambda w, b: jnp.vdot(
+            proxprop_dense(x, w, b, tau_prox=tau, optimization_mode="prox_exact").astype(
+                jnp.float32
+            ),
+            g_z,
+        )
+        return jax.grad(out, argnums=(0, 1))(w, b)
+
+    bf = [jnp.asarray(a, jnp.bfloat16) for a in (x, w, b)]
+    d_w, d_b = jax.jit(direction)(*bf)
+    assert d_w.dtype == d_b.dtype == jnp.bfloat16
+    a = np.hstack([x, np.ones((n, 1))]).astype(np.float64)
+    expected = np.linalg.solve(a.T @ a + np.eye(fan_in + 1) / tau, a.T @ g_z)
+    got = np.vstack([np.asarray(d_w, np.float64), np.asarray(d_b, np.float64)[None]])
+    np.testing.assert_allclose(got, expected, rtol=2**-8, atol=1e-7)
+
+
+def test_bfloat16_layers_keep_dtypes_and_solve_in_float32():
+    # The generic op (one CG over all parameters) and the linen layer with bfloat16 parameters:
+    # directions come back in bfloat16 and equal the float32 computation on the same values,
+    # rounded once.
+    x = jnp.asarray(_bf16_exact(_rand(43, 6, 5)))
+    t = jnp.asarray(_bf16_exact(_rand(44, 6, 3)))
+    layer_cls = proxprop_module(nn.DenseGeneral)
+    for module in (
+        layer_cls(3, tau_prox=0.5, optimization_mode="prox_cg3"),
+        ProxPropDense(3, tau_prox=0.5, optimization_mode="prox_cg3"),
+    ):
+        params = module.init(jax.random.key(0), x)
+        params = jax.tree.map(lambda p: jnp.asarray(_bf16_exact(p)), params)
+        # a linear loss: the output cotangent is t in both dtypes
+        loss = lambda p, x, m=module: jnp.vdot(m.apply(p, x).astype(jnp.float32), t)
+        grad = _jgrad(loss)
+        low = grad(jax.tree.map(lambda p: p.astype(jnp.bfloat16), params), x.astype(jnp.bfloat16))
+        high = grad(params, x)
+        for lo, hi in zip(jax.tree.leaves(low), jax.tree.leaves(high), strict=True):
+            assert lo.dtype == jnp.bfloat16
+            np.testing.assert_allclose(np.asarray(lo, np.float32), hi, rtol=2**-8, atol=1e-6)

@@ -9,6 +9,8 @@ pass: the parameter cotangent handed to the optimizer is
 
 (exactly, by K conjugate-gradient steps, or the plain gradient), while the input cotangent is
 ordinary backprop. Any first-order optax optimizer consumes ``d``.
+With bfloat16 (or float16) parameters and activations the forward pass stays in that dtype
+and the proximal solve runs in float32 (:mod:`jaxopt_suite.proxprop.ops`).
 
 * pure ops (``jax.custom_vjp``): :func:`proxprop_dense`, :func:`proxprop_conv`,
   :func:`proxprop_linear`;

@@ -44,6 +44,8 @@ class ProxPropDense(nn.Dense):
 
     exactly (``"prox_exact"``), by K conjugate-gradient steps per output unit
     (``"prox_cg<K>"``) or not at all (``"gradient"``); the input cotangent is plain backprop.
+    With bfloat16 parameters or ``dtype=jnp.bfloat16`` the solve runs in float32 and the
+    direction comes back in the parameters' dtype.
     Same constructor arguments and parameters as ``nn.Dense`` plus:
 
     Attributes:
@@ -119,7 +121,8 @@ class ProxPropConv(nn.Conv):
     matrix-free through the convolution and its transpose, ``"prox_exact"`` factors the patch
     Gram matrix (no ``mask``, ``feature_group_count=1``). Same constructor arguments and
     parameters as ``nn.Conv`` plus ``tau_prox`` (default 1) and ``optimization_mode``
-    (default ``"prox_cg1"``).
+    (default ``"prox_cg1"``). With bfloat16 parameters or inputs the solve runs in float32
+    and the direction comes back in the parameters' dtype.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -178,7 +181,9 @@ def proxprop_module(module_cls: type[nn.Module]) -> type[nn.Module]:
     by CG with :math:`J^\\top J` applied matrix-free (jvp, then vjp), or exactly for small
     layers. At initialisation a probe checks that the layer is linear in its parameters
     (ValueError otherwise). For Dense and Conv prefer :class:`ProxPropDense` and
-    :class:`ProxPropConv`, which use their structure (one system per output unit).
+    :class:`ProxPropConv`, which use their structure (one system per output unit). With
+    bfloat16 parameters or inputs the solve runs in float32 (the layer's own ``dtype`` decides
+    the products with :math:`J`); the direction comes back in the parameters' dtype.
 
     Args:
       module_cls: a linen layer class, e.g. ``nn.DenseGeneral``, ``nn.ConvTranspose``,

@@ -21,6 +21,8 @@ class ProxPropLinear(nnx.Linear):
     """``nnx.Linear`` whose backward pass hands the optimizer the ProxProp direction
     :math:`d = (A^\\top A + \\tau^{-1} I)^{-1} \\nabla_{[W; b]} L`, :math:`A = [x, 1]`
     (see :func:`jaxopt_suite.proxprop.proxprop_dense`).
+    bfloat16 parameters or inputs: the solve runs in float32, the direction comes back in the
+    parameters' dtype.
 
     Args:
       in_features, out_features, **kwargs: as ``nnx.Linear`` (``dot_general`` must stay the
@@ -68,6 +70,8 @@ class ProxPropLinear(nnx.Linear):
 class ProxPropConv(nnx.Conv):
     """``nnx.Conv`` whose backward pass hands the optimizer the ProxProp direction, one system
     per output channel (see :func:`jaxopt_suite.proxprop.proxprop_conv`).
+    bfloat16 parameters or inputs: the solve runs in float32, the direction comes back in the
+    parameters' dtype.
 
     Args:
       in_features, out_features, kernel_size, strides, **kwargs: as ``nnx.Conv`` (the
