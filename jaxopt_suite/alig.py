@@ -21,6 +21,12 @@ the squared norm over *all* parameters at once.
 Both transformations need the loss as the keyword argument ``value=`` of ``update``
 (``train.backprop`` passes it). A step whose loss or gradient is not finite is skipped: the
 update is zero and the state is left as it was, except for a counter of skipped steps.
+
+Precision: with bfloat16 (or float16) parameters and gradients, the squared gradient norm is
+accumulated and the step size :math:`\gamma_t` computed in float32 (the state's step sizes are
+float32); each update :math:`\gamma_t g_t` (and the momentum combination) is formed in float32
+and cast back to its leaf's dtype, so updates and the momentum buffer keep the parameters'
+dtype.
 """
 
 from __future__ import annotations
@@ -221,6 +227,9 @@ def scale_by_alig(
     :math:`d_t` were the gradient. It is the exact Polyak step only for :math:`d_t = g_t`
     (for a preconditioned :math:`d = P g` that would be :math:`\ell / g^\top d`).
 
+    bfloat16 updates: the norm and :math:`\gamma_t` are float32, each output leaf is
+    :math:`\gamma_t g_t` rounded to its input dtype.
+
     A non-finite ``value`` or update makes the output zero and leaves the state unchanged
     except ``skipped``, which counts such steps. That protects this transformation only:
     transformations before it in a chain (Adam's moments) have already taken in a non-finite
@@ -301,6 +310,10 @@ def alig(
 
     A step whose ``value`` or gradient is not finite returns zero updates and leaves the state
     unchanged (momentum included) except the counter ``state.alig.skipped``.
+
+    bfloat16 parameters: the squared norm and :math:`\gamma_t` are computed in float32, the
+    momentum buffer and the updates are stored in the parameters' dtype (each combination
+    formed in float32, then rounded).
 
     Args:
       max_lr: the largest step size :math:`\eta_{\max}` (positive), or None for no clipping.
@@ -392,7 +405,8 @@ def project_l2_ball(tree: PyTree, max_norm: Scalar) -> PyTree:
       \qquad \|\theta\|_2^2 = \sum_{\text{leaves}} \sum_i \theta_i^2
 
     One norm over all leaves, not one per leaf (the reference's constraint, which replaces
-    weight decay). Each leaf keeps its dtype.
+    weight decay). The norm is accumulated in float32 for bfloat16/float16 leaves; each leaf
+    keeps its dtype.
 
     Args:
       tree: parameters (any pytree of arrays).

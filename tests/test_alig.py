@@ -266,6 +266,17 @@ def test_bfloat16_is_kept(kwargs, np_kwargs):
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(out))
 
 
+def test_bfloat16_norm_and_step_size_are_float32():
+    # 4097 is not a bfloat16 number (neighbours 4096 and 4112): an exact sum of 4097 squared
+    # ones proves float32 accumulation; the step 1 / (4097 + eps) is then float32 as well.
+    ones = {"a": jnp.ones(4000, jnp.bfloat16), "b": jnp.ones(97, jnp.bfloat16)}
+    sq = global_sq_norm(ones)
+    assert sq.dtype == jnp.float32 and float(sq) == 4097.0
+    _, state = scale_by_alig(eps=0.0).update(ones, scale_by_alig().init(ones), value=1.0)
+    assert state.step_size.dtype == jnp.float32
+    np.testing.assert_allclose(float(state.step_size), 1 / 4097, rtol=1e-6)
+
+
 def test_no_recompilation_on_second_call():
     traces = []
     tx = alig(max_lr=0.3, momentum=0.9)
