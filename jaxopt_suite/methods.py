@@ -69,6 +69,7 @@ _PROVIDERS: tuple[str, ...] = (
     "jaxopt_suite.precondition",
     "jaxopt_suite.proximal",
     "jaxopt_suite.fwdgrad",
+    "jaxopt_suite.kronecker",
 )
 
 
