@@ -4,6 +4,8 @@ jax.hessian, Kronecker factors from hand-written layer inputs and Jacobians."""
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,9 @@ from jax.flatten_util import ravel_pytree
 from jaxopt_suite import curvature, kronecker
 
 TOL = dict(atol=1e-5, rtol=1e-5)
+# Compilation dominates these tests: XLA's backend optimisations roughly double it and change
+# nothing checked here.
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 SECOND = ("sqrt_ggn_exact", "kflr", "kfra", "diag_h", "diag_h_batch", "diag_ggn_exact")
 
 
@@ -82,7 +87,7 @@ def brute(apply, params, x, y):
     flat, unravel = ravel_pytree(params)
     n = x.shape[0]
 
-    @jax.jit
+    @fast_jit
     def run(flat, x, y):
         def sample(xy):
             xi, yi = xy
@@ -128,7 +133,7 @@ def check_diagonals(extras, params, unravel, hess, per_sample):
 
 def run(apply, params, x, y, quantities, **kw):
     fn = curvature.value_and_grad(apply, loss="cross_entropy", quantities=quantities, **kw)
-    return jax.jit(fn)(params, x, y, key=kw.pop("key", None))[2]
+    return fast_jit(fn)(params, x, y, key=kw.pop("key", None))[2]
 
 
 # --- the MLP: every new quantity, structured and generic -------------------------------------
@@ -140,7 +145,7 @@ def test_mlp_every_new_quantity_both_paths():
     ggn_blocks = blocks(params, ggn)
     n = x.shape[0]
 
-    @jax.jit
+    @fast_jit
     def by_hand(params, x, y):
         w1, b1 = params["Dense_0"]["kernel"], params["Dense_0"]["bias"]
         w2 = params["Dense_1"]["kernel"]
@@ -157,7 +162,7 @@ def test_mlp_every_new_quantity_both_paths():
         return x.T @ x / n, h.T @ h / n, g1, g2, g1_kfra
 
     a1, a2, g1, g2, g1_kfra = by_hand(params, x, y)
-    _, _, reference = jax.jit(
+    _, _, reference = fast_jit(
         lambda p, x, y: kronecker.mlp_value_grad_and_factors(p, x, y, activation=act)
     )(params, x, y)
 
@@ -209,7 +214,7 @@ def test_kfac_and_sqrt_ggn_mc_converge_to_exact():
         quantities=("kfac", "kflr", "sqrt_ggn_mc", "diag_ggn_exact"),
         mc_samples=3000,
     )
-    extras = jax.jit(fn)(params, x, y, key=jax.random.key(0))[2]
+    extras = fast_jit(fn)(params, x, y, key=jax.random.key(0))[2]
     for mc, exact in zip(
         jax.tree.leaves(extras["kfac"]), jax.tree.leaves(extras["kflr"]), strict=True
     ):

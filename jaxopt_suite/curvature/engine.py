@@ -299,6 +299,10 @@ def _generic_hessian(apply_fn, treedef, loss_obj, c, params, inputs, targets, st
     return out
 
 
+# Residual columns backpropagated together (vmap) per step of the scan over all of them.
+_RESIDUAL_CHUNK = 32
+
+
 class _Residual:
     """The residual (activation-curvature) part of ``diag_h`` on the engine's forward pass.
 
@@ -381,22 +385,27 @@ class _Residual:
         return out
 
     def _structured(self, stats, calls, owner, prepared):
-        """Backpropagates the columns one at a time (``lax.scan``: the memory of one column)
-        to the layers and accumulates the statistics of the positive ones minus those of the
-        negative ones."""
+        """Backpropagates the columns to the layers, :data:`_RESIDUAL_CHUNK` at a time
+        (``lax.scan`` over chunks, ``vmap`` inside: the memory of one chunk), and accumulates
+        the statistics of the positive columns minus those of the negative ones."""
         out_zero = jnp.zeros_like(self.outputs)
         order = sorted(owner.items())
+        chunk = min(_RESIDUAL_CHUNK, self.total)
+        steps = -(-self.total // chunk)
 
         def stat(ci, role, delta):
             return {st: _layer_statistic(st, calls[ci], role, prepared[ci], delta) for st in stats}
 
-        def body(acc, k):
+        def backward(k):
             cots, sign = self._column(k)
-            deltas = self.full_vjp((out_zero, self._site_cotangents(cots)))[1]
+            return self.full_vjp((out_zero, self._site_cotangents(cots)))[1], sign
+
+        def body(acc, ks):
+            deltas, sign = jax.vmap(backward)(ks)  # (B, N, ...) per layer, (B, N)
             new = []
             for (_, (ci, role)), old in zip(order, acc, strict=True):
-                d = _wide(deltas[ci])[None]
-                shape = (1, d.shape[1], *([1] * (d.ndim - 2)))
+                d = _wide(deltas[ci])
+                shape = (*sign.shape, *([1] * (d.ndim - 2)))
                 pos = stat(ci, role, d * (sign > 0).reshape(shape))
                 neg = stat(ci, role, d * (sign < 0).reshape(shape))
                 new.append({st: old[st] + pos[st] - neg[st] for st in stats})
@@ -407,7 +416,9 @@ class _Residual:
             zero = jnp.zeros((1, *calls[ci].output.shape), jnp.float32)
             shapes = jax.eval_shape(lambda ci=ci, role=role, zero=zero: stat(ci, role, zero))
             init.append({st: jnp.zeros(v.shape, v.dtype) for st, v in shapes.items()})
-        acc, _ = jax.lax.scan(body, init, jnp.arange(self.total))
+        # columns past the end fall in no block: zero cotangents and sign 0
+        ks = jnp.arange(steps * chunk).reshape(steps, chunk)
+        acc, _ = jax.lax.scan(body, init, ks)
         return {i: a for (i, _), a in zip(order, acc, strict=True)}
 
     def _generic(self, stats, free, leaves, apply_fn, treedef, chunk, out):

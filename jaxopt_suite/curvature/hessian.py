@@ -68,6 +68,11 @@ _SMOOTH = {
 # Bilinear maps: linear unless both operands depend on the parameters.
 _BILINEAR = {"dot_general", "conv_general_dilated", "mul"}
 _NESTED = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+# Calls whose body runs once on the call's operands (inlined); loops and conditionals are not.
+CALLS = {
+    "pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+    "custom_vjp_call_jaxpr", "remat", "checkpoint",
+}  # fmt: skip
 _NO_DERIVATIVE = {"stop_gradient", "iota", "random_bits", "random_seed", "random_wrap"}
 
 
@@ -125,7 +130,7 @@ def _apply(eqn: core.JaxprEqn, vals: list, deps: list[bool], ctx: _Context):
     name = eqn.primitive.name
     params = dict(eqn.params)
     nested = next((params[k] for k in _NESTED if k in params), None)
-    if nested is not None and any(deps):
+    if nested is not None and any(deps) and name in CALLS:
         closed = nested if isinstance(nested, core.ClosedJaxpr) else core.ClosedJaxpr(nested, ())
         outs = _eval(closed.jaxpr, closed.consts, vals, deps, ctx)
         return [o for o, _ in outs], [d for _, d in outs]

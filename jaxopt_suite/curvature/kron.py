@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core
 
+from jaxopt_suite.curvature.hessian import CALLS
 from jaxopt_suite.curvature.layers import LayerCall
 
 Factors = tuple[jax.Array, ...] | None
@@ -137,7 +138,7 @@ def _dependencies(
             (eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params),
             None,
         )
-        if nested is not None:
+        if nested is not None and eqn.primitive.name in CALLS:
             inner = nested.jaxpr if isinstance(nested, core.ClosedJaxpr) else nested
             outs = _dependencies(inner, ins)
         else:
