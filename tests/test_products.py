@@ -298,6 +298,33 @@ def test_hutchinson_estimator_feeds_sophia():
     np.testing.assert_allclose(params, target, atol=1e-3)
 
 
+def test_engine_diagonal_estimator_gives_sophia_the_hessian_diagonal():
+    # a tanh model: the GGN and Hessian diagonals differ; Sophia's nu (b2 = 0, refreshed every
+    # step) must be the requested one, against jax.hessian / jacrev brute force
+    params = _mlp_params(jax.random.key(0), sizes=(3, 2, 2))
+    x = jax.random.normal(jax.random.key(1), (4, 3))
+    y = jax.random.randint(jax.random.key(2), (4,), 0, 2)
+    flat, unravel = ravel_pytree(params)
+    loss_fn = lambda f: _reference_loss("cross_entropy", "mean")(_mlp(unravel(f), x), y)
+    want = {
+        "diag_h": np.diag(jax.jit(jax.hessian(loss_fn))(flat)),
+        "diag_ggn_exact": np.diag(_brute_ggn(_mlp, "cross_entropy", params, x, y, "mean")),
+    }
+    assert not np.allclose(want["diag_h"], want["diag_ggn_exact"], atol=1e-3)
+    for quantity, diagonal in want.items():
+        est = products.engine_diagonal_estimator(_mlp, "cross_entropy", quantity)
+        tx = optax.contrib.sophia(
+            0.1, b2=0.0, update_interval=1, weight_decay=0.0, hessian_diagonal_fn=est
+        )
+        grads = jax.grad(lambda p: loss_fn(ravel_pytree(p)[0]))(params)
+        _, state = jax.jit(tx.update)(grads, tx.init(params), params, inputs=x, targets=y)
+        np.testing.assert_allclose(ravel_pytree(state[0].nu)[0], diagonal, atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="inputs= and targets="):
+        est.update(params, est.init(params), params)
+    with pytest.raises(ValueError, match="quantity must be one of"):
+        products.engine_diagonal_estimator(_mlp, quantity="diag_ggn")
+
+
 def test_hutchinson_estimator_with_obj_fn_matches_the_function():
     obj_fn = lambda p: jnp.sum(jnp.sin(p["x"])) + jnp.sum(p["y"] ** 2 * p["x"][0])
     params = {"x": jnp.array([0.3, -0.7]), "y": jnp.array([1.0, 2.0, 3.0])}

@@ -406,3 +406,81 @@ def hutchinson_estimator(
         return diagonal, HutchinsonState(key=next_key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class EngineDiagonalState(NamedTuple):
+    """State of :func:`engine_diagonal_estimator`."""
+
+    key: jax.Array  # PRNG key for the next Monte Carlo draws
+
+
+ENGINE_DIAGONALS = ("diag_ggn_mc", "diag_ggn_exact", "diag_h")
+
+
+def engine_diagonal_estimator(
+    apply_fn: Callable[[PyTree, jax.Array], jax.Array],
+    loss: Loss = "cross_entropy",
+    quantity: str = "diag_ggn_mc",
+    *,
+    reduction: str = "mean",
+    mc_samples: int = 1,
+    key: jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Sophia's ``hessian_diagonal_fn`` from the curvature engine (no probes).
+
+    ``update(updates, state, params, *, inputs, targets)`` returns ``extras[quantity]`` of
+    ``curvature.value_and_grad(apply_fn, loss=loss, quantities=(quantity,))`` on the batch:
+
+    * ``"diag_ggn_mc"``: :math:`\\sum_n \\sum_m (J_n^\\top \\tilde s_{m,n})^{\\odot 2}`, labels
+      sampled from the model, the per-sample form of Sophia-G's Gauss-Newton-Bartlett
+      estimator (which squares one gradient of the whole batch's sampled loss);
+    * ``"diag_ggn_exact"``: the exact GGN diagonal (C backpropagated columns);
+    * ``"diag_h"``: the exact Hessian diagonal (what Sophia-H estimates with Hutchinson).
+
+    Sophia calls it inside a ``lax.cond`` every ``update_interval`` steps, so the engine runs
+    only then; ``inputs=`` and ``targets=`` are passed through Sophia's ``update``. The
+    incoming ``updates`` are ignored.
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs) -> outputs``.
+      loss: a loss name or per-sample callable (as for ``curvature.value_and_grad``).
+      quantity: one of :data:`ENGINE_DIAGONALS`.
+      reduction: ``"mean"`` or ``"sum"``.
+      mc_samples: Monte Carlo samples of ``"diag_ggn_mc"``.
+      key: PRNG key of the first draws (default ``jax.random.key(0)``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`EngineDiagonalState`.
+
+    Example:
+      >>> import optax
+      >>> apply_fn = lambda p, x: x @ p
+      >>> est = engine_diagonal_estimator(apply_fn, "mse", "diag_ggn_exact", reduction="sum")
+      >>> tx = optax.contrib.sophia(0.1, hessian_diagonal_fn=est, update_interval=1)
+      >>> w, x, y = jnp.zeros((2, 1)), jnp.eye(2), jnp.ones((2, 1))
+      >>> updates, _ = tx.update(w, tx.init(w), w, inputs=x, targets=y)
+    """
+    if quantity not in ENGINE_DIAGONALS:
+        raise ValueError(f"quantity must be one of {ENGINE_DIAGONALS}, got {quantity!r}")
+    from jaxopt_suite.curvature import engine
+
+    fn = engine.value_and_grad(
+        apply_fn, loss=loss, reduction=reduction, quantities=(quantity,), mc_samples=mc_samples
+    )
+
+    def init_fn(params):
+        del params
+        return EngineDiagonalState(key=jax.random.key(0) if key is None else key)
+
+    def update_fn(updates, state, params=None, *, inputs=None, targets=None, **extra):
+        del updates, extra
+        if params is None or inputs is None or targets is None:
+            raise ValueError(
+                "engine_diagonal_estimator's update needs params and the batch as the extra "
+                "keyword arguments inputs= and targets= (pass them to sophia's update)"
+            )
+        next_key, draw_key = jax.random.split(state.key)
+        _, _, extras = fn(params, inputs, targets, key=draw_key)
+        return extras[quantity], EngineDiagonalState(key=next_key)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
