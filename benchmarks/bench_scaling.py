@@ -45,6 +45,9 @@ DEFAULT_POINTS = {
 }
 CURVATURE_DEFAULT = "batch_l2,sum_grad_squared,diag_ggn_mc,diag_ggn_exact"
 _BASELINES = ("sgd", "sgd-momentum", "adam")
+# Methods whose step does extra work every k steps, and the suffix of the row that times that
+# step (the first one); the plain row times a step without it (the other k - 1 of k).
+PERIODIC = {"kfac": " (refresh step)"}
 
 
 def _batch(batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +56,9 @@ def _batch(batch: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _step_inputs(method: methods.Method, width: int, batch: int, steps: int = 1000):
+def _step_inputs(
+    method: methods.Method, width: int, batch: int, steps: int = 1000, advance: bool = True
+):
     setup = method.build(methods.RunConfig(steps=steps, batch_size=batch, seed=0))
     model = zoo.MLP(hidden=(width, width))
     fields = {k: v for k, v in setup.layers.items() if hasattr(model, k)}
@@ -62,7 +67,10 @@ def _step_inputs(method: methods.Method, width: int, batch: int, steps: int = 10
     problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
     state = train.init_state(params, setup.tx, jax.random.key(1))
     step = jax.jit(train.make_step(problem, setup.tx, setup.gradient))
-    return step, (state, *_batch(batch))
+    batch_arrays = _batch(batch)
+    if advance:  # time a typical step (count 1: buffers filled, no periodic refresh due)
+        state, _ = step(state, *batch_arrays)
+    return step, (state, *batch_arrays)
 
 
 def _rows(out: dict, names: list[str]) -> dict[str, dict]:
@@ -82,11 +90,18 @@ def _rows(out: dict, names: list[str]) -> dict[str, dict]:
 def measure(
     chosen: list[methods.Method], baseline: methods.Method, width: int, batch: int, repeats: int
 ) -> dict[str, dict]:
-    """One point of a sweep: every method and backprop timed side by side in one run."""
+    """One point of a sweep: every method and backprop timed side by side in one run.
+
+    Every step is timed from the state after one step (momentum buffers filled); methods in
+    :data:`PERIODIC` also get a row for their refresh step (timed from the initial state).
+    """
     fns = {"backprop": _step_inputs(baseline, width, batch)}
     fns.update({m.name: _step_inputs(m, width, batch) for m in chosen})
+    for m in chosen:  # methods with a periodic refresh: also the step that refreshes
+        if m.name in PERIODIC:
+            fns[m.name + PERIODIC[m.name]] = _step_inputs(m, width, batch, advance=False)
     out = benchmarking.time_interleaved(fns, baseline="backprop", repeats=repeats, number=1)
-    return _rows(out, [m.name for m in chosen])
+    return _rows(out, [name for name in fns if name != "backprop"])
 
 
 def measure_curvature(quantities: list[str], width: int, batch: int, repeats: int) -> dict:
