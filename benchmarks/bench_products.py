@@ -1,60 +1,151 @@
-"""Matrix-free products and Kronecker-factored steps: time relative to a plain gradient.
+"""Second-order quantities against BackPACK: each relative to its own framework's gradient.
 
-On the MLP 784-1024-1024-10 with a batch of N = 128 (the issue's measurement), timed
-interleaved after compilation (``benchmarking.time_interleaved``), every ratio over the plain
-``jax.value_and_grad`` of the mini-batch loss:
+Models and batches of the first curvature benchmark: the MLP 784-1024-1024-10 at N = 128 and
+BackPACK's CNN (Conv20-pool-Conv50-pool-500-10) at N = 64, same weights and MNIST batch in
+both frameworks. Timed (median of interleaved rounds after compilation/warm-up):
 
-* ``hvp``: :func:`~jaxopt_suite.curvature.products.hessian_vector_product` (forward-over-reverse);
-* ``ggn_vp``: :func:`~jaxopt_suite.curvature.products.ggn_vector_product`;
-* ``kfac_factors`` / ``kflr_factors``: loss, gradient and Kronecker factors in one pass
-  (:func:`~jaxopt_suite.kronecker.mlp_value_grad_and_factors`, 1 MC column / the 10 exact ones);
-* ``sgd_step``, ``kfac_step``, ``kfac_step_refresh``: a whole training step (gradient + update)
-  of SGD and of ``kfac_sgd`` (MC factors), without and with the refresh of the inverses; the
-  amortised KFAC step for ``inverse_every = k`` is ``(refresh + (k - 1) step) / k``.
+* JAX (``--part jax``): the plain ``jax.value_and_grad`` and ``curvature.value_and_grad`` with
+  one of ``diag_h``, ``diag_h_batch``, ``kfac``, ``kflr``, ``kfra`` each
+  (``benchmarking.time_interleaved``); with ``--products`` (MLP) also the matrix-free products
+  (``hvp``, ``ggn_vp``) and whole training steps (``sgd_step``, ``kfac_step`` with the engine's
+  ``kfac`` factors, without and with the refresh of the inverses).
+* BackPACK (``--part backpack``): PyTorch's gradient and the extensions ``DiagHessian``,
+  ``BatchDiagHessian``, ``KFAC``, ``KFLR``, ``KFRA`` (and, with ``--products``, the
+  ``hessianfree`` GGN/Hessian-vector products), interleaved the same way, with
+  ``OMP_WAIT_POLICY=PASSIVE`` and ``torch.set_num_threads(--torch-threads)``. The parts run
+  in separate processes, so torch's OpenMP threads never compete with XLA's.
+* ``sqrt_ggn_exact`` / ``sqrt_ggn_mc`` (``SqrtGGNExact`` / ``SqrtGGNMC``) return C·N·P floats
+  (9.5 GB for the MLP at N = 128), so both frameworks time them at N = ``--sqrt-batch``
+  (default 16) against their gradient at that batch.
 
-With the ``compare`` extra installed, BackPACK's ``KFAC``/``KFLR`` extensions and its
-``hessianfree`` GGN/Hessian-vector products are timed on the same architecture and batch in the
-same run (their own interleaved loop, ratios over PyTorch's gradient). Run it under the lock::
+Each part writes ``results/products/parts/<part>_<model>.json``; ``--part summary`` merges them
+into ``products_cpu.json``, a table (printed, pasted into ``results/products.md``) and a plot.
+Run every timing part under the lock, one model at a time::
 
-    flock /tmp/jaxopt_bench.lock .venv/bin/python -m benchmarks.bench_products
+    LOCK="flock /tmp/jaxopt_bench.lock .venv/bin/python -m benchmarks.bench_products"
+    $LOCK --part jax --model mlp
+    $LOCK --part backpack --model mlp
+    ... (the same for --model backpack-cnn)
+    .venv/bin/python -m benchmarks.bench_products --part summary
 
-Raw results: ``benchmarks/results/products/products.json`` and a plot beside it; the summary
-``benchmarks/results/products.md`` quotes them. ``--quick`` runs a tiny version into a
-temporary directory.
+``--quick`` runs a tiny version (small MLP, N = 8) into a temporary directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import itertools
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxopt_suite import benchmarking, kronecker, train, zoo
+from jaxopt_suite import benchmarking, curvature, kronecker, train, zoo
+from jaxopt_suite import data as data_lib
 from jaxopt_suite.curvature import products
 
 RESULTS = Path(__file__).parent / "results" / "products"
+MODELS = {"mlp": 128, "backpack-cnn": 64}
+ENGINE = ("diag_h", "diag_h_batch", "kfac", "kflr", "kfra")
+SQRT = ("sqrt_ggn_exact", "sqrt_ggn_mc")
+BACKPACK = {
+    "diag_h": "DiagHessian",
+    "diag_h_batch": "BatchDiagHessian",
+    "kfac": "KFAC",
+    "kflr": "KFLR",
+    "kfra": "KFRA",
+    "sqrt_ggn_exact": "SqrtGGNExact",
+    "sqrt_ggn_mc": "SqrtGGNMC",
+}
+# the issue's goal: every quantity at most as slow as BackPACK's, each over its own gradient
 
 
-def command_line(argv: list[str]) -> str:
-    return " ".join(["python -m benchmarks.bench_products", *argv])
+def _batch(n: int) -> tuple[jax.Array, jax.Array]:
+    try:
+        ds = data_lib.load_mnist()
+        images, labels = ds.train_images[:n], ds.train_labels[:n]
+    except FileNotFoundError:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (n, 28, 28), np.uint8)
+        labels = rng.integers(0, 10, n).astype(np.int32)
+    return data_lib.normalize(jnp.asarray(images)), jnp.asarray(labels, jnp.int32)
 
 
-def jax_timings(args: argparse.Namespace) -> dict[str, Any]:
-    """Every JAX function on the same parameters and batch, interleaved."""
-    model = zoo.make_model(args.model)
+def _setup(model_name: str):
+    model = zoo.make_model(model_name)
     params = zoo.init_params(model, jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (args.batch_size, 28, 28, 1))
-    y = jax.random.randint(jax.random.key(2), (args.batch_size,), 0, 10)
+    apply_fn = lambda p, x: model.apply({"params": p}, x)
+    return apply_fn, params
+
+
+def _engine_fn(apply_fn, quantity: str):
+    fn = curvature.value_and_grad(apply_fn, loss="cross_entropy", quantities=(quantity,))
+    return jax.jit(lambda p, x, y, k: fn(p, x, y, key=k))
+
+
+def _supported(fn, args) -> str | None:
+    """None when ``fn`` traces for ``args``, else the error (the engine refuses at trace)."""
+    try:
+        jax.eval_shape(fn, *args)
+    except (ValueError, NotImplementedError) as err:
+        return str(err).split("\n")[0]
+    return None
+
+
+def jax_part(args: argparse.Namespace) -> dict[str, Any]:
+    apply_fn, params = _setup(args.model)
     key = jax.random.key(3)
+    loss_fn = lambda p, x, y: train.cross_entropy(apply_fn(p, x), y)
+    grad = jax.jit(jax.value_and_grad(loss_fn))
+    unsupported: dict[str, str] = {}
+
+    def group(n: int, names: tuple[str, ...], extra: dict | None = None) -> dict[str, Any]:
+        x, y = _batch(n)
+        fns = {"grad": (grad, (params, x, y))}
+        for q in names:
+            fn = _engine_fn(apply_fn, q)
+            why = _supported(fn, (params, x, y, key))
+            if why is None:
+                fns[q] = (fn, (params, x, y, key))
+            else:
+                unsupported[q] = why
+        fns.update((extra or {}) if n == args.batch_size else {})
+        timings = benchmarking.time_interleaved(
+            fns, baseline="grad", repeats=args.repeats, number=args.number
+        )
+        return {name: {**t._asdict(), "batch_size": n} for name, t in timings.items()}
+
+    extra = (
+        _mlp_extras(apply_fn, loss_fn, params, key, args) if args.model.startswith("mlp") else {}
+    )
+    main = group(args.batch_size, ENGINE, extra)
+    sqrt = group(args.sqrt_batch, SQRT)
+    if "kfac_step" in main:
+        k = args.inverse_every
+        amortised = (
+            main["kfac_step_refresh"]["median"] + (k - 1) * main["kfac_step"]["median"]
+        ) / k
+        main["kfac_step_amortised"] = {
+            "median": amortised,
+            "ratio": amortised / main["grad"]["median"],
+            "batch_size": args.batch_size,
+        }
+    sqrt = {("grad_sqrt_batch" if name == "grad" else name): t for name, t in sqrt.items()}
+    return {"timings": {**main, **sqrt}, "unsupported": unsupported}
+
+
+def _mlp_extras(apply_fn, loss_fn, params, key, args) -> dict[str, tuple]:
+    """Matrix-free products and whole training steps (MLP only), same batch."""
+    x, y = _batch(args.batch_size)
     leaves, treedef = jax.tree.flatten(params)
     vector = jax.tree.unflatten(
         treedef,
@@ -63,13 +154,9 @@ def jax_timings(args: argparse.Namespace) -> dict[str, Any]:
             for k, p in zip(jax.random.split(key, len(leaves)), leaves, strict=True)
         ],
     )
-    apply_fn = lambda p, inputs: model.apply({"params": p}, inputs)
-    loss_fn = lambda p, inputs, labels: train.cross_entropy(apply_fn(p, inputs), labels)
-
-    sgd = optax.sgd(args.learning_rate)
-    kfac = kronecker.kfac_sgd(
-        args.learning_rate, damping=args.damping, inverse_every=args.inverse_every
-    )
+    sgd = optax.sgd(0.1)
+    kfac = kronecker.kfac_sgd(0.1, damping=1e-2, inverse_every=args.inverse_every)
+    kfac_fn = curvature.value_and_grad(apply_fn, loss="cross_entropy", quantities=("kfac",))
 
     def sgd_step(p, state, inputs, labels):
         value, grads = jax.value_and_grad(loss_fn)(p, inputs, labels)
@@ -77,17 +164,14 @@ def jax_timings(args: argparse.Namespace) -> dict[str, Any]:
         return optax.apply_updates(p, updates), state, value
 
     def kfac_step(p, state, inputs, labels, k):
-        value, grads, factors = kronecker.mlp_value_grad_and_factors(
-            p, inputs, labels, key=k, mc_samples=1
-        )
-        updates, state = kfac.update(grads, state, p, factors=factors)
+        value, grads, extras = kfac_fn(p, inputs, labels, key=k)
+        updates, state = kfac.update(grads, state, p, factors=extras["kfac"])
         return optax.apply_updates(p, updates), state, value
 
     # state0 is due for a refresh of the inverses (first update); state1 is not (count 1)
     state0 = kfac.init(params)
     state1 = jax.jit(kfac_step)(params, state0, x, y, key)[1]
-    fns = {
-        "grad": (jax.jit(jax.value_and_grad(loss_fn)), (params, x, y)),
+    return {
         "hvp": (
             jax.jit(lambda p, v, i, t: products.hessian_vector_product(loss_fn, p, v, i, t)),
             (params, vector, x, y),
@@ -100,195 +184,298 @@ def jax_timings(args: argparse.Namespace) -> dict[str, Any]:
             ),
             (params, vector, x, y),
         ),
-        "kfac_factors": (
-            jax.jit(
-                lambda p, i, t, k: kronecker.mlp_value_grad_and_factors(
-                    p, i, t, key=k, mc_samples=1
-                )
-            ),
-            (params, x, y, key),
-        ),
-        "kflr_factors": (jax.jit(kronecker.mlp_value_grad_and_factors), (params, x, y)),
         "sgd_step": (jax.jit(sgd_step), (params, sgd.init(params), x, y)),
         "kfac_step": (jax.jit(kfac_step), (params, state1, x, y, key)),
         "kfac_step_refresh": (jax.jit(kfac_step), (params, state0, x, y, key)),
     }
-    timings = benchmarking.time_interleaved(
-        fns, baseline="grad", repeats=args.repeats, number=args.number
-    )
-    result = {name: t._asdict() for name, t in timings.items()}
-    k = args.inverse_every
-    amortised = (timings["kfac_step_refresh"].median + (k - 1) * timings["kfac_step"].median) / k
-    result["kfac_step_amortised"] = {
-        "median": amortised,
-        "ratio": amortised / timings["grad"].median,
-        "ratio_vs_sgd_step": amortised / timings["sgd_step"].median,
-    }
-    for name in ("kfac_step", "kfac_step_refresh"):
-        result[name]["ratio_vs_sgd_step"] = timings[name].median / timings["sgd_step"].median
-    return result
 
 
-def _torch_mlp(model_name: str):
+# ---------------------------------------------------------------------------------------------
+# BackPACK
+
+
+def _torch_model(model_name: str, params):
+    """The zoo model in PyTorch with the same weights (flax (in, out) / HWIO layouts)."""
     import torch
 
-    hidden = {"mlp": (1024, 1024), "mlp-small": (128,)}[model_name]
-    sizes = (784, *hidden, 10)
+    t = lambda a: torch.tensor(np.asarray(a))
+    if model_name == "backpack-cnn":
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 20, 5),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2, 2),
+            torch.nn.Conv2d(20, 50, 5),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2, 2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(800, 500),
+            torch.nn.ReLU(),
+            torch.nn.Linear(500, 10),
+        )
+        with torch.no_grad():
+            for layer, name in ((net[0], "Conv_0"), (net[3], "Conv_1")):
+                layer.weight.copy_(t(params[name]["kernel"]).permute(3, 2, 0, 1))
+                layer.bias.copy_(t(params[name]["bias"]))
+            # flax flattens (H, W, C) and torch (C, H, W): reorder the first Dense's rows
+            k0 = t(params["Dense_0"]["kernel"]).reshape(4, 4, 50, 500).permute(2, 0, 1, 3)
+            net[7].weight.copy_(k0.reshape(800, 500).T)
+            net[7].bias.copy_(t(params["Dense_0"]["bias"]))
+            net[9].weight.copy_(t(params["Dense_1"]["kernel"]).T)
+            net[9].bias.copy_(t(params["Dense_1"]["bias"]))
+        return net
+    names = sorted(params, key=lambda s: int(s.split("_")[1]))
     layers: list[Any] = [torch.nn.Flatten()]
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(sizes) - 2:
+    for i, name in enumerate(names):
+        kernel = params[name]["kernel"]
+        linear = torch.nn.Linear(*kernel.shape)
+        with torch.no_grad():
+            linear.weight.copy_(t(kernel).T)
+            linear.bias.copy_(t(params[name]["bias"]))
+        layers.append(linear)
+        if i < len(names) - 1:
             layers.append(torch.nn.ReLU())
     return torch.nn.Sequential(*layers)
 
 
-def backpack_timings(args: argparse.Namespace) -> dict[str, Any] | None:
-    """BackPACK on the same architecture and batch size, its own interleaved loop."""
-    if importlib.util.find_spec("backpack") is None or importlib.util.find_spec("torch") is None:
-        return None
-    import warnings
-
+def backpack_part(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
-    from backpack import backpack, extend
-    from backpack.extensions import KFAC, KFLR
+    from backpack import backpack, extend, extensions
     from backpack.hessianfree.ggnvp import ggn_vector_product
     from backpack.hessianfree.hvp import hessian_vector_product
 
+    torch.set_num_threads(args.torch_threads)
     # BackPACK's module hooks warn when the inputs need no gradient; that is intended here
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    torch.manual_seed(0)
-    model = extend(_torch_mlp(args.model))
-    lossfunc = extend(torch.nn.CrossEntropyLoss())
-    x = torch.randn(args.batch_size, 1, 28, 28)
-    y = torch.randint(0, 10, (args.batch_size,))
-    params = list(model.parameters())
-    vector = [torch.randn_like(p) for p in params]
+    _, params = _setup(args.model)
+    net = extend(_torch_model(args.model, params))
+    loss_fn = extend(torch.nn.CrossEntropyLoss())
+    torch_params = list(net.parameters())
+    unsupported: dict[str, str] = {}
 
-    def grad():
-        model.zero_grad()
-        lossfunc(model(x), y).backward()
+    def inputs(n):
+        x, y = _batch(n)
+        return torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous(), torch.tensor(
+            np.asarray(y), dtype=torch.long
+        )
 
-    def with_extension(ext):
+    def grad(x, y):
         def run():
-            model.zero_grad()
-            loss = lossfunc(model(x), y)
-            with backpack(ext):
+            for p in torch_params:
+                p.grad = None
+            loss_fn(net(x), y).backward()
+
+        return run
+
+    def extension(name, x, y):
+        def run():
+            for p in torch_params:
+                p.grad = None
+            loss = loss_fn(net(x), y)
+            with backpack(getattr(extensions, BACKPACK[name])()):
                 loss.backward()
 
         return run
 
-    def ggn_vp():
-        out = model(x)
-        ggn_vector_product(lossfunc(out, y), out, model, vector)
-
-    def hvp():
-        hessian_vector_product(lossfunc(model(x), y), params, vector)
-
-    fns = {
-        "grad": grad,
-        "hvp": hvp,
-        "ggn_vp": ggn_vp,
-        "kfac_factors": with_extension(KFAC(mc_samples=1)),
-        "kflr_factors": with_extension(KFLR()),
-    }
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(2 + args.repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(args.number):
+    def group(n, names, extra=None):
+        x, y = inputs(n)
+        fns = {"grad": grad(x, y)}
+        for q in names:
+            fn = extension(q, x, y)
+            try:
                 fn()
-            if r >= 2:
-                samples[name].append((time.perf_counter() - start) / args.number)
-    base = float(np.median(samples["grad"]))
+            except (NotImplementedError, RuntimeError, ValueError, AttributeError) as err:
+                unsupported[q] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                continue
+            fns[q] = fn
+        fns.update({k: make(x, y) for k, make in (extra or {}).items()})
+        return _interleave(fns, args.repeats, args.number)
+
+    vector = [torch.randn_like(p) for p in torch_params]
+
+    def ggn_vp(x, y):
+        def run():
+            out = net(x)
+            ggn_vector_product(loss_fn(out, y), out, net, vector)
+
+        return run
+
+    def hvp(x, y):
+        return lambda: hessian_vector_product(loss_fn(net(x), y), torch_params, vector)
+
+    mlp = args.model.startswith("mlp") and args.products
+    extra = {"hvp": hvp, "ggn_vp": ggn_vp} if mlp else None
+    main = group(args.batch_size, ENGINE, extra)
+    sqrt = group(args.sqrt_batch, SQRT)
+    sqrt = {("grad_sqrt_batch" if name == "grad" else name): t for name, t in sqrt.items()}
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "timings": {
-            name: {"median": float(np.median(s)), "ratio": float(np.median(s)) / base, "samples": s}
-            for name, s in samples.items()
-        },
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "timings": {**main, **sqrt},
+        "unsupported": unsupported,
     }
 
 
-def table(result: dict[str, Any]) -> str:
-    jx = result["jax"]
-    bp = (result.get("backpack") or {}).get("timings", {})
+def _interleave(fns: dict, repeats: int, number: int, warmup: int = 2) -> dict[str, Any]:
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            if r >= warmup:
+                samples[name].append((time.perf_counter() - start) / number)
+    base = float(np.median(samples["grad"]))
+    return {
+        name: {"median": float(np.median(s)), "ratio": float(np.median(s)) / base, "samples": s}
+        for name, s in samples.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+
+LABELS = {
+    "grad": "gradient (N as above)",
+    "diag_h": "diag_h / DiagHessian",
+    "diag_h_batch": "diag_h_batch / BatchDiagHessian",
+    "kfac": "kfac / KFAC (1 MC sample)",
+    "kflr": "kflr / KFLR",
+    "kfra": "kfra / KFRA",
+    "hvp": "Hessian-vector product",
+    "ggn_vp": "GGN-vector product",
+    "sgd_step": "SGD step (grad + update)",
+    "kfac_step": "KFAC step, no inverse refresh",
+    "kfac_step_refresh": "KFAC step with inverse refresh",
+    "kfac_step_amortised": "KFAC step amortised (inverse_every)",
+    "grad_sqrt_batch": "gradient at the sqrt batch",
+    "sqrt_ggn_exact": "sqrt_ggn_exact / SqrtGGNExact",
+    "sqrt_ggn_mc": "sqrt_ggn_mc / SqrtGGNMC (1 sample)",
+}
+
+
+def table(model: dict[str, Any]) -> str:
+    jx = model["jax"]["timings"]
+    bp = (model.get("backpack") or {}).get("timings", {})
     lines = [
-        "| quantity | JAX ms | JAX / JAX grad | BackPACK ms | BackPACK / torch grad | "
-        "JAX / BackPACK | JAX compiled memory (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| quantity | N | JAX ms | JAX / JAX grad | BackPACK ms | BackPACK / torch grad | "
+        "ratio JAX / ratio BackPACK | goal (<= 1) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for name, t in jx.items():
-        ms = 1e3 * t["median"]
-        mem = t.get("memory", {}).get("total")
-        mem_s = f"{mem / 2**20:.1f}" if mem and mem > 0 else "-"
-        other = bp.get(name)
-        if other:
-            bp_s = f"{1e3 * other['median']:.1f} | {other['ratio']:.2f} | "
-            bp_s += f"{t['median'] / other['median']:.2f}"
+    names = list(dict.fromkeys([*jx, *bp]))
+    for name in names:
+        t, o = jx.get(name), bp.get(name)
+        n = (t or {}).get("batch_size", "")
+        if n == "" and name in ("grad_sqrt_batch", *SQRT):
+            n = model["sqrt_batch"]
+        elif n == "":
+            n = model["batch_size"]
+        cells = [LABELS.get(name, name), str(n)]
+        cells += [f"{1e3 * t['median']:.1f}", f"{t['ratio']:.2f}"] if t else ["-", "-"]
+        cells += [f"{1e3 * o['median']:.1f}", f"{o['ratio']:.2f}"] if o else ["-", "-"]
+        if t and o and name not in ("grad", "grad_sqrt_batch"):
+            rel = t["ratio"] / o["ratio"]
+            cells += [f"{rel:.2f}", "met" if rel <= 1.0 else "**missed**"]
         else:
-            bp_s = "- | - | -"
-        lines.append(f"| {name} | {ms:.1f} | {t['ratio']:.2f} | {bp_s} | {mem_s} |")
+            why = model["jax"]["unsupported"].get(name) if not t else None
+            why = why or ((model.get("backpack") or {}).get("unsupported", {}).get(name))
+            cells += ["-", f"unsupported: {why[:90]}" if why else ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def plot(models: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    jx = result["jax"]
-    bp = (result.get("backpack") or {}).get("timings", {})
-    names = list(jx)
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    pos = np.arange(len(names))
-    ax.bar(pos - 0.2, [jx[n]["ratio"] for n in names], 0.4, label="JAX (ours) / JAX grad")
-    if bp:
-        vals = [bp[n]["ratio"] if n in bp else np.nan for n in names]
-        ax.bar(pos + 0.2, vals, 0.4, label="BackPACK / torch grad")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks(pos, names, rotation=30, ha="right")
-    ax.set_ylabel("time / gradient time")
-    ax.set_title(f"{result['model']}, N = {result['batch_size']} ({jax.default_backend()})")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 3.8), squeeze=False)
+    for ax, (name, model) in zip(axes[0], models.items(), strict=True):
+        jx = model["jax"]["timings"]
+        bp = (model.get("backpack") or {}).get("timings", {})
+        names = [n for n in (*ENGINE, *SQRT, "hvp", "ggn_vp") if n in jx or n in bp]
+        pos = np.arange(len(names))
+        get = lambda d, n: d[n]["ratio"] if n in d else np.nan
+        ax.bar(pos - 0.2, [get(jx, n) for n in names], 0.4, label="JAX / JAX grad")
+        ax.bar(pos + 0.2, [get(bp, n) for n in names], 0.4, label="BackPACK / torch grad")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(pos, names, rotation=30, ha="right")
+        ax.set_ylabel("time / own gradient time")
+        ax.set_title(f"{name}, N = {model['batch_size']} (sqrt_ggn: N = {model['sqrt_batch']})")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def summary(out_dir: Path) -> dict[str, Any]:
+    parts = out_dir / "parts"
+    models: dict[str, Any] = {}
+    for path in sorted(parts.glob("*.json")):
+        part = json.loads(path.read_text())
+        entry = models.setdefault(
+            part["model"],
+            {"batch_size": part["batch_size"], "sqrt_batch": part["sqrt_batch"]},
+        )
+        entry[part["part"]] = part["result"]
+        entry.setdefault("commands", []).append(part["command"])
+        entry.setdefault("load", []).append(part["load_before"])
+    result = {"models": models}
+    benchmarking.write_json(out_dir / f"products_{jax.default_backend()}.json", result)
+    plot(models, out_dir / f"products_{jax.default_backend()}.png")
+    for name, model in models.items():
+        if "jax" in model:
+            print(f"\n### {name}, N = {model['batch_size']}\n")
+            print(table(model))
+    return result
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="mlp", choices=("mlp", "mlp-small"))
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--part", choices=("jax", "backpack", "summary"), default="jax")
+    parser.add_argument("--model", default="mlp", choices=(*MODELS, "mlp-small"))
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 MLP, 64 CNN")
+    parser.add_argument("--sqrt-batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--products",
+        action="store_true",
+        help="MLP only: also the matrix-free products and the SGD/KFAC training steps",
+    )
     parser.add_argument("--number", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=0.1)
-    parser.add_argument("--damping", type=float, default=1e-2)
     parser.add_argument("--inverse-every", type=int, default=10)
-    parser.add_argument("--no-backpack", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--output", type=Path, default=None, help="results directory")
     parser.add_argument("--quick", action="store_true", help="tiny sanity run into a temp dir")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.batch_size, args.repeats, args.number = "mlp-small", 16, 2, 1
+        args.model, args.batch_size, args.sqrt_batch, args.repeats = "mlp-small", 8, 4, 2
+    args.batch_size = args.batch_size or MODELS.get(args.model, 128)
     out_dir = args.output or (Path(tempfile.mkdtemp()) if args.quick else RESULTS)
-
-    result: dict[str, Any] = {
-        "command": command_line(argv),
+    if args.part == "summary":
+        summary(out_dir)
+        return
+    load = os.getloadavg()
+    result = jax_part(args) if args.part == "jax" else backpack_part(args)
+    payload = {
+        "command": " ".join(["python -m benchmarks.bench_products", *argv]),
+        "part": args.part,
         "model": args.model,
         "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "number": args.number,
-        "inverse_every": args.inverse_every,
-        "jax": jax_timings(args),
+        "sqrt_batch": args.sqrt_batch,
+        "load_before": load,
+        "load_after": os.getloadavg(),
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "result": result,
     }
-    if not args.no_backpack:
-        result["backpack"] = backpack_timings(args)
-    path = benchmarking.write_json(out_dir / f"products_{jax.default_backend()}.json", result)
-    plot(result, out_dir / f"products_{jax.default_backend()}.png")
-    print(table(result))
+    path = benchmarking.write_json(out_dir / "parts" / f"{args.part}_{args.model}.json", payload)
+    for name, t in result["timings"].items():
+        print(f"{name:>22}: {1e3 * t['median']:9.2f} ms  x{t['ratio']:6.2f}", flush=True)
+    for name, why in result["unsupported"].items():
+        print(f"{name:>22}: unsupported ({why[:120]})")
     print(f"wrote {path}")
 
 
