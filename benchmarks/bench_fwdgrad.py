@@ -32,14 +32,34 @@ from jaxopt_suite import data as data_lib
 
 RESULTS = Path(__file__).parent / "results" / "fwdgrad"
 
-# name -> (distribution, structure, num_directions, key implementation)
+RADEMACHER_RANK_ONE = {"distribution": "rademacher", "structure": "rank_one"}
+ONE_LAYER = {**RADEMACHER_RANK_ONE, "perturb": "one_layer"}
+
+# name -> (keyword arguments of fwdgrad.forward_gradient, key implementation)
 ESTIMATORS = {
-    "fwd normal dense (paper)": ("normal", "dense", 1, "threefry2x32"),
-    "fwd normal dense, rbg key": ("normal", "dense", 1, "rbg"),
-    "fwd rademacher dense": ("rademacher", "dense", 1, "threefry2x32"),
-    "fwd normal rank-one": ("normal", "rank_one", 1, "threefry2x32"),
-    "fwd rademacher rank-one": ("rademacher", "rank_one", 1, "threefry2x32"),
-    "fwd rademacher rank-one K=4": ("rademacher", "rank_one", 4, "threefry2x32"),
+    "fwd normal dense (paper)": ({"distribution": "normal", "structure": "dense"}, "threefry2x32"),
+    "fwd normal dense, rbg key": ({"distribution": "normal", "structure": "dense"}, "rbg"),
+    "fwd rademacher dense": ({"distribution": "rademacher", "structure": "dense"}, "threefry2x32"),
+    "fwd normal rank-one": ({"distribution": "normal", "structure": "rank_one"}, "threefry2x32"),
+    "fwd rademacher rank-one": (RADEMACHER_RANK_ONE, "threefry2x32"),
+    "fwd rademacher rank-one, one layer": (ONE_LAYER, "threefry2x32"),
+    "fwd rademacher rank-one, one layer by size": (
+        {**ONE_LAYER, "layer_probabilities": "size"},
+        "threefry2x32",
+    ),
+    "fwd normal rank-one, one layer": (
+        {**ONE_LAYER, "distribution": "normal"},
+        "threefry2x32",
+    ),
+    "fwd rademacher rank-one K=4": ({**RADEMACHER_RANK_ONE, "num_directions": 4}, "threefry2x32"),
+    "fwd rademacher rank-one K=4 scan": (
+        {**RADEMACHER_RANK_ONE, "num_directions": 4, "batching": "scan"},
+        "threefry2x32",
+    ),
+    "fwd rademacher rank-one, one layer K=4 scan": (
+        {**ONE_LAYER, "num_directions": 4, "batching": "scan"},
+        "threefry2x32",
+    ),
 }
 
 
@@ -49,14 +69,9 @@ def _problem(model_name: str):
     return train.Problem(lambda p, x: model.apply({"params": p}, x)), params
 
 
-def _forward_tx(distribution, structure, k, impl, optimizer, seed=1, batching="vmap"):
+def _forward_tx(options: dict, impl: str, optimizer, seed: int = 1):
     key = jax.random.key(seed, impl=impl)
-    return optax.chain(
-        fwdgrad.forward_gradient(
-            key, num_directions=k, distribution=distribution, structure=structure, batching=batching
-        ),
-        optimizer,
-    )
+    return optax.chain(fwdgrad.forward_gradient(key, **options), optimizer)
 
 
 def speed(args: argparse.Namespace) -> dict:
@@ -67,22 +82,18 @@ def speed(args: argparse.Namespace) -> dict:
         images = jnp.asarray(rng.integers(0, 256, (batch, 28, 28), dtype=np.uint8))
         labels = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
         setups = {"backprop": (optax.sgd(1e-3), train.backprop)}
-        for name, (dist, structure, k, impl) in ESTIMATORS.items():
+        for name, (options, impl) in ESTIMATORS.items():
             if name in args.estimators:
-                tx = _forward_tx(dist, structure, k, impl, optax.sgd(1e-3))
+                tx = _forward_tx(options, impl, optax.sgd(1e-3))
                 setups[name] = (tx, fwdgrad.value_fn_gradient)
-        if "fwd rademacher rank-one K=4" in args.estimators:
-            tx = _forward_tx(
-                "rademacher", "rank_one", 4, "threefry2x32", optax.sgd(1e-3), batching="scan"
-            )
-            setups["fwd rademacher rank-one K=4 scan"] = (tx, fwdgrad.value_fn_gradient)
         fns = {}
         for name, (tx, gradient) in setups.items():
             step = jax.jit(train.make_step(problem, tx, gradient))
             state = train.init_state(params, tx, jax.random.key(2))
             fns[name] = (step, (state, images, labels))
-        timer = benchmarking.time_interleaved if args.clock == "wall" else time_cpu_interleaved
-        timings = timer(fns, baseline="backprop", repeats=args.repeats, number=args.number)
+        timings = time_chained_interleaved(
+            fns, baseline="backprop", repeats=args.repeats, number=args.number, clock=args.clock
+        )
         case = f"{model_name} N={batch}"
         results[case] = {name: t._asdict() for name, t in timings.items()}
         print(f"\n{case}")
@@ -94,23 +105,27 @@ def speed(args: argparse.Namespace) -> dict:
     return results
 
 
-def time_cpu_interleaved(fns, *, baseline, repeats, number, warmup=1):
-    """``benchmarking.time_interleaved`` with process CPU time instead of wall-clock time.
+def time_chained_interleaved(fns, *, baseline, repeats, number, clock="wall", warmup=2):
+    """``benchmarking.time_interleaved`` for training steps, with each call fed the state that
+    the previous call of the same step returned (as in training).
 
-    For a machine shared with other jobs (load far above the core count): with XLA confined to
-    one thread (``--clock cpu`` sets that up), the CPU seconds a call consumes do not count the
-    time it waited for a core, which wall-clock time does.
+    A forward-gradient step draws its directions from the key in its state: called again and
+    again on one state (``time_interleaved``), a step that perturbs one random layer would
+    always perturb the same one, and its time would be that layer's, not the average.
+    ``clock="cpu"`` counts process CPU seconds (set up one XLA thread first: ``--clock cpu``):
+    on a machine shared with other jobs they do not count the time spent waiting for a core.
     """
-    compiled = {name: (fn.lower(*a).compile(), a) for name, (fn, a) in fns.items()}
+    now = time.perf_counter if clock == "wall" else time.process_time
+    compiled = {name: (fn.lower(*a).compile(), list(a)) for name, (fn, a) in fns.items()}
     samples = {name: [] for name in fns}
     for r in range(warmup + repeats):
         for name, (exe, a) in compiled.items():
-            start = time.process_time()
+            start = now()
             for _ in range(number):
-                out = exe(*a)
+                a[0], out = exe(*a)
             jax.block_until_ready(out)
             if r >= warmup:
-                samples[name].append((time.process_time() - start) / number)
+                samples[name].append((now() - start) / number)
     base = float(np.median(samples[baseline]))
     return {
         name: benchmarking.Timing(
@@ -124,15 +139,29 @@ def time_cpu_interleaved(fns, *, baseline, repeats, number, warmup=1):
 
 
 def _train_runs(args: argparse.Namespace):
-    """name -> (optimizer factory, estimator or None for backprop)."""
+    """name -> (optimizer factory, forward_gradient options or None for backprop).
+
+    The forward-gradient Adam runs use the seed's Adam (lr 2e-4, eps 1e-4, exponential decay);
+    see ``benchmarks/results/fwdgrad.md`` for why Adam needs a larger learning rate than SGD
+    with forward gradients.
+    """
     decay = fwdgrad.sgd_decay
+    lr_fwd, lr_adam = args.lr_forward, args.adam_lr_forward
     runs = {
         "backprop SGD": (lambda: optax.sgd(decay(args.lr_backprop)), None),
         "backprop Adam": (lambda: optax.adam(args.adam_lr_backprop), None),
-        "fwd SGD K=1": (lambda: optax.sgd(decay(args.lr_forward)), 1),
-        "fwd SGD K=4": (lambda: optax.sgd(decay(args.lr_forward)), 4),
-        "fwd Adam K=1": (lambda: optax.adam(args.adam_lr_forward), 1),
+        "fwd SGD K=1": (lambda: optax.sgd(decay(lr_fwd)), RADEMACHER_RANK_ONE),
+        "fwd SGD K=4": (
+            lambda: optax.sgd(decay(lr_fwd)),
+            {**RADEMACHER_RANK_ONE, "num_directions": 4},
+        ),
+        "fwd SGD one layer": (lambda: optax.sgd(decay(lr_fwd)), ONE_LAYER),
+        "fwd Adam K=1": (lambda: optax.adam(decay(lr_adam), eps=1e-4), RADEMACHER_RANK_ONE),
+        "fwd Adam one layer": (lambda: optax.adam(decay(lr_adam), eps=1e-4), ONE_LAYER),
     }
+    unknown = set(args.runs) - set(runs)
+    if unknown:
+        raise SystemExit(f"--runs: unknown {sorted(unknown)}; known: {list(runs)}")
     return {k: v for k, v in runs.items() if k in args.runs}
 
 
@@ -143,11 +172,11 @@ def training(args: argparse.Namespace) -> dict:
         problem, params = _problem(model_name)
         evaluate = train.make_evaluate(problem)
         steps = args.steps if model_name == "mlp" else args.cnn_steps
-        for name, (optimizer, k) in _train_runs(args).items():
-            if k is None:
+        for name, (optimizer, options) in _train_runs(args).items():
+            if options is None:
                 tx, gradient = optimizer(), train.backprop
             else:
-                tx = _forward_tx("rademacher", "rank_one", k, "threefry2x32", optimizer())
+                tx = _forward_tx(options, "threefry2x32", optimizer())
                 gradient = fwdgrad.value_fn_gradient
             step = train.jit_step(train.make_step(problem, tx, gradient))
             # a fresh copy: the jitted step donates (deletes) the parameters it is given
@@ -260,11 +289,18 @@ def main(argv: list[str]) -> None:
     train_args.add_argument("--lr-backprop", type=float, default=0.05)
     train_args.add_argument("--lr-forward", type=float, default=1e-4)
     train_args.add_argument("--adam-lr-backprop", type=float, default=1e-3)
-    train_args.add_argument("--adam-lr-forward", type=float, default=1e-5)
+    train_args.add_argument("--adam-lr-forward", type=float, default=2e-4)
     train_args.add_argument(
         "--runs",
         nargs="+",
-        default=["backprop SGD", "backprop Adam", "fwd SGD K=1", "fwd SGD K=4", "fwd Adam K=1"],
+        default=[
+            "backprop SGD",
+            "backprop Adam",
+            "fwd SGD K=1",
+            "fwd SGD K=4",
+            "fwd SGD one layer",
+            "fwd Adam K=1",
+        ],
     )
     args = parser.parse_args(argv)
     if args.clock == "cpu":  # read when the CPU backend starts, i.e. at the first computation

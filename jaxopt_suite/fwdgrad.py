@@ -25,6 +25,18 @@ is the total one, :math:`\mathbb{E}\|g - \nabla f\|^2`, for ``K = 1``:
 * ``rank_one`` / ``normal``: per leaf :math:`a \otimes b` of normals; for one ``(p, q)`` leaf
   :math:`((p + 2)(q + 2) - 1)\|\nabla f\|^2`, a little above dense normals.
 
+``perturb="one_layer"`` perturbs ONE random layer ``l`` per direction (probability
+:math:`p_l`, uniform or proportional to its size :math:`n_l`), its entries scaled by
+:math:`1/\sqrt{p_l}`: :math:`\mathbb{E}[v v^\top] = \sum_l p_l \, p_l^{-1} I_l = I`, so the
+estimate stays unbiased, with total variance :math:`\sum_l c_l \|\nabla_l f\|^2 / p_l -
+\|\nabla f\|^2` (:math:`c_l = n_l` for signs; :math:`n_l + 2` for dense normals). For signs
+with :math:`p_l \propto n_l` that is :math:`(n - 1)\|\nabla f\|^2`, exactly the variance of
+perturbing every layer; uniform :math:`p_l = 1/L` gives
+:math:`L \sum_l n_l \|\nabla_l f\|^2 - \|\nabla f\|^2`. Its use is speed: the tangent starts
+at the chosen layer, and the full matrix products that carry a tangent through later layers
+run under ``lax.cond`` only when an earlier layer is the perturbed one (for the MLP
+784-1024-1024-10, the only such product is layer 1's tangent through layer 2).
+
 ``rank_one`` directions draw, for a leaf of shape ``(..., m)``, one vector :math:`a` over the
 leading axes and one :math:`b` over the last axis (vectors and scalars stay dense). Entries
 :math:`a_i b_j` are uncorrelated with unit variance, so :math:`\mathbb{E}[v v^\top] = I` still
@@ -54,6 +66,8 @@ PyTree = Any
 DISTRIBUTIONS = ("normal", "rademacher")
 STRUCTURES = ("dense", "rank_one")
 BATCHING = ("vmap", "scan")
+PERTURB = ("all", "one_layer")
+LAYER_PROBABILITIES = ("uniform", "size")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,10 +183,9 @@ def _is_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def _jvp_eqn(eqn, primals: list, tangents: list, dense_only: bool = True) -> tuple[list, list]:
+def _jvp_eqn(eqn, primals: list, tangents: list) -> tuple[list, list]:
     """``jax.jvp`` of one equation w.r.t. the operands that have a tangent (others constant)."""
-    if dense_only:
-        tangents = [t.dense() if isinstance(t, RankOne) else t for t in tangents]
+    tangents = [t.dense() if isinstance(t, RankOne) else t for t in tangents]
     active = [i for i, t in enumerate(tangents) if t is not None]
 
     def call(*dynamic):
@@ -185,9 +198,10 @@ def _jvp_eqn(eqn, primals: list, tangents: list, dense_only: bool = True) -> tup
     return out, list(out_t)
 
 
-def _dot_rank_one(eqn, primals, tangents, factored: int) -> tuple[list, list] | None:
-    """dot_general with one RankOne operand: ``dot(x, a ⊗ b)`` as an einsum that contracts ``x``
-    with ``a`` first (a matrix-vector product), then takes the outer product with ``b``."""
+def _dot_rank_one_term(eqn, primals, factored: int, tangent: RankOne) -> jax.Array:
+    """The tangent term of ``dot_general`` for a :class:`RankOne` tangent of operand
+    ``factored``: ``dot(x, a ⊗ b)`` as an einsum that contracts ``x`` with ``a`` first (a
+    matrix-vector product), then takes the outer product with ``b``."""
     (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
     lhs, rhs = primals
     letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -198,23 +212,15 @@ def _dot_rank_one(eqn, primals, tangents, factored: int) -> tuple[list, list] | 
     out_s = [lhs_s[i] for i in lhs_b]
     out_s += [s for i, s in enumerate(lhs_s) if i not in lhs_c and i not in lhs_b]
     out_s += [s for j, s in enumerate(rhs_s) if j not in rhs_c and j not in rhs_b]
-    other = 1 - factored
     other_s, fact_s = (lhs_s, rhs_s) if factored == 1 else (rhs_s, lhs_s)
-    a, b = tangents[factored]
     spec = f"{''.join(other_s)},{''.join(fact_s[:-1])},{fact_s[-1]}->{''.join(out_s)}"
-    term = jnp.einsum(spec, primals[other], a, b, optimize="greedy")
-    if tangents[other] is None:
-        out = _bind(eqn, primals)
-        return out, [term.astype(out[0].dtype)]
-    rest = [None, None]
-    rest[other] = tangents[other]
-    out, (t_other,) = _jvp_eqn(eqn, primals, rest)
-    return out, [t_other + term.astype(t_other.dtype)]
+    return jnp.einsum(spec, primals[1 - factored], tangent.a, tangent.b, optimize="greedy")
 
 
-def _conv_rank_one(eqn, primals, tangents) -> tuple[list, list] | None:
-    """conv with a RankOne kernel whose last axis is the output-feature axis:
-    ``conv(x, a ⊗ b) = conv(x, a) ⊗ b`` (one output channel instead of all of them)."""
+def _conv_rank_one_term(eqn, primals, tangent: RankOne) -> jax.Array | None:
+    """The tangent term of a convolution for a :class:`RankOne` kernel tangent whose last axis
+    is the output-feature axis: ``conv(x, a ⊗ b) = conv(x, a) ⊗ b`` (one output channel instead
+    of all of them); None where that does not apply."""
     params = eqn.params
     dims = params["dimension_numbers"]
     lhs, rhs = primals
@@ -224,16 +230,48 @@ def _conv_rank_one(eqn, primals, tangents) -> tuple[list, list] | None:
         or dims.rhs_spec[0] != jnp.ndim(rhs) - 1
     ):
         return None
-    a, b = tangents[1]
-    (single,) = _bind(eqn, [lhs, a[..., None]])
+    (single,) = _bind(eqn, [lhs, tangent.a[..., None]])
     out_shape = [1] * single.ndim
-    out_shape[dims.out_spec[1]] = b.shape[0]
-    term = single * b.reshape(out_shape)
-    if tangents[0] is None:
-        out = _bind(eqn, primals)
-        return out, [term.astype(out[0].dtype)]
-    out, (t_lhs,) = _jvp_eqn(eqn, primals, [tangents[0], None])
-    return out, [t_lhs + term.astype(t_lhs.dtype)]
+    out_shape[dims.out_spec[1]] = tangent.b.shape[0]
+    return single * tangent.b.reshape(out_shape)
+
+
+_BILINEAR = (prims.dot_general_p, prims.conv_general_dilated_p)
+
+
+def _bilinear_jvp(eqn, primals, tangents, deps, gate) -> tuple[list, list]:
+    """jvp of ``dot_general`` / ``conv``, one term per operand with a tangent (the map is
+    bilinear). A :class:`RankOne` tangent gives a cheap factored term; a dense tangent a full
+    product, skipped by ``lax.cond`` when ``gate(deps[i])`` says that tangent is zero this time
+    (only the randomly chosen layer is perturbed)."""
+    out = _bind(eqn, primals)
+    total = None
+    for i, t in enumerate(tangents):
+        if t is None:
+            continue
+        term = None
+        if isinstance(t, RankOne):
+            if eqn.primitive is prims.dot_general_p:
+                term = _dot_rank_one_term(eqn, primals, i, t)
+            elif i == 1:
+                term = _conv_rank_one_term(eqn, primals, t)
+            t = t.dense() if term is None else t
+        if term is None:
+
+            def full(ps, t, i=i):
+                rest = [None, None]
+                rest[i] = t
+                return _jvp_eqn(eqn, ps, rest)[1][0]
+
+            pred = None if gate is None else gate(deps[i])
+            if pred is None:
+                term = full(primals, t)
+            else:
+                zeros = lambda ps, t: jnp.zeros(out[0].shape, out[0].dtype)
+                term = jax.lax.cond(pred, full, zeros, primals, t)
+        term = term.astype(out[0].dtype)
+        total = term if total is None else total + term
+    return out, [total]
 
 
 def _sub_jaxpr(eqn):
@@ -244,56 +282,76 @@ def _sub_jaxpr(eqn):
     return None
 
 
-def _jvp_jaxpr(jaxpr, consts: Sequence[Any], primals: Sequence[Any], tangents: Sequence[Any]):
+def _jvp_jaxpr(
+    jaxpr,
+    consts: Sequence[Any],
+    primals: Sequence[Any],
+    tangents: Sequence[Any],
+    deps: Sequence[frozenset] | None = None,
+    gate: Callable[[frozenset], jax.Array | None] | None = None,
+):
     """Evaluates ``jaxpr`` and its forward derivative; a tangent is None (zero), an array, or a
-    :class:`RankOne`."""
+    :class:`RankOne`.
+
+    With ``gate``, ``deps[i]`` is the set of blocks (layers) whose perturbation tangent ``i``
+    depends on; the sets are propagated statically through the equations, and
+    ``gate(set)`` is a traced boolean (is one of those blocks the perturbed one?) or None (always
+    true). Returns ``(outputs, output tangents, output dependency sets)``.
+    """
     primal_env: dict[Any, Any] = {}
     tangent_env: dict[Any, Any] = {}
+    deps_env: dict[Any, frozenset] = {}
+    no_deps: frozenset = frozenset()
 
     def read(var):
         if isinstance(var, jex_core.Literal):
-            return var.val, None
-        return primal_env[var], tangent_env.get(var)
+            return var.val, None, no_deps
+        return primal_env[var], tangent_env.get(var), deps_env.get(var, no_deps)
 
     for var, value in zip(jaxpr.constvars, consts, strict=True):
         primal_env[var] = value
-    for var, value, tangent in zip(jaxpr.invars, primals, tangents, strict=True):
+    deps = [no_deps] * len(primals) if deps is None else deps
+    for var, value, tangent, dep in zip(jaxpr.invars, primals, tangents, deps, strict=True):
         primal_env[var] = value
         tangent_env[var] = tangent
+        deps_env[var] = dep
 
     for eqn in jaxpr.eqns:
-        ps, ts = map(list, zip(*map(read, eqn.invars), strict=True)) if eqn.invars else ([], [])
-        factored = [isinstance(t, RankOne) for t in ts]
-        result = None
+        if eqn.invars:
+            ps, ts, ds = map(list, zip(*map(read, eqn.invars), strict=True))
+        else:
+            ps, ts, ds = [], [], []
+        live = frozenset().union(*[d for d, t in zip(ds, ts, strict=True) if t is not None])
+        out_deps = [live] * len(eqn.outvars)
+        sub = _sub_jaxpr(eqn)
         if all(t is None for t in ts):
-            result = _bind(eqn, ps), [None] * len(eqn.outvars)
-        elif any(factored):
-            sub = _sub_jaxpr(eqn)
-            if sub is not None:
-                result = _jvp_jaxpr(sub.jaxpr, sub.consts, ps, ts)
-            elif eqn.primitive is prims.dot_general_p and sum(factored) == 1:
-                result = _dot_rank_one(eqn, ps, ts, factored.index(True))
-            elif eqn.primitive is prims.conv_general_dilated_p and factored == [False, True]:
-                result = _conv_rank_one(eqn, ps, ts)
-        if result is None:
-            result = _jvp_eqn(eqn, ps, ts)
-        outs, out_ts = result
-        for var, value, tangent in zip(eqn.outvars, outs, out_ts, strict=True):
+            outs, out_ts = _bind(eqn, ps), [None] * len(eqn.outvars)
+        elif sub is not None and (gate is not None or any(isinstance(t, RankOne) for t in ts)):
+            outs, out_ts, out_deps = _jvp_jaxpr(sub.jaxpr, sub.consts, ps, ts, ds, gate)
+        elif eqn.primitive in _BILINEAR:
+            outs, out_ts = _bilinear_jvp(eqn, ps, ts, ds, gate)
+        else:
+            outs, out_ts = _jvp_eqn(eqn, ps, ts)
+        for var, value, tangent, dep in zip(eqn.outvars, outs, out_ts, out_deps, strict=True):
             if isinstance(var, jex_core.DropVar):
                 continue
             primal_env[var] = value
             tangent_env[var] = tangent if _is_float(value) else None
+            deps_env[var] = dep
 
-    return [read(v)[0] for v in jaxpr.outvars], [read(v)[1] for v in jaxpr.outvars]
+    results = [read(v) for v in jaxpr.outvars]
+    return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
 
 
-def _jvp(fun: Callable, primals: PyTree, tangent: PyTree):
-    """``(fun(primals), d fun(primals)[tangent])``; ``tangent`` may hold :class:`RankOne` leaves.
+def _jvp(fun: Callable, primals: PyTree, tangent: PyTree, deps=None, gate=None):
+    """``(fun(primals), aux, d fun(primals)[tangent])``; ``tangent`` may hold :class:`RankOne`
+    leaves, and with ``gate`` (one perturbed layer) ``deps`` gives each leaf's layer set.
 
     ``fun`` returns ``(scalar, aux)``; the derivative of the scalar is returned.
     """
     is_rank_one = lambda t: isinstance(t, RankOne)
-    if not any(is_rank_one(t) for t in jax.tree.leaves(tangent, is_leaf=is_rank_one)):
+    plain = not any(is_rank_one(t) for t in jax.tree.leaves(tangent, is_leaf=is_rank_one))
+    if plain and gate is None:
         (value, aux), (dot, _) = jax.jvp(fun, (primals,), (tangent,))
         return value, aux, dot
     flat_primals, treedef = jax.tree.flatten(primals)
@@ -301,7 +359,9 @@ def _jvp(fun: Callable, primals: PyTree, tangent: PyTree):
     closed, out_shape = jax.make_jaxpr(
         lambda *xs: fun(jax.tree.unflatten(treedef, xs)), return_shape=True
     )(*flat_primals)
-    outs, out_tangents = _jvp_jaxpr(closed.jaxpr, closed.consts, flat_primals, flat_tangents)
+    outs, out_tangents, _ = _jvp_jaxpr(
+        closed.jaxpr, closed.consts, flat_primals, flat_tangents, deps, gate
+    )
     value, aux = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
     dot = out_tangents[0]
     return value, aux, jnp.zeros_like(value) if dot is None else dot
@@ -359,6 +419,8 @@ def value_and_forward_grad(
     num_directions: int = 1,
     distribution: str = "normal",
     structure: str = "dense",
+    perturb: str = "all",
+    layer_probabilities: str = "uniform",
     batching: str = "vmap",
     has_aux: bool = False,
 ) -> Callable:
@@ -383,9 +445,17 @@ def value_and_forward_grad(
       distribution: ``"normal"`` (the paper's) or ``"rademacher"`` (signs; 32 per random word).
       structure: ``"dense"`` (i.i.d. entries) or ``"rank_one"`` (``a ⊗ b`` per leaf of rank >= 2,
         with cheap tangents through ``dot_general`` and convolutions: the fast choice).
+      perturb: ``"all"`` (every parameter) or ``"one_layer"``: one random layer per direction,
+        scaled by :math:`1/\sqrt{p_l}` (unbiased; variance in the module docstring). A layer is
+        one top-level entry of a differentiated argument (``params["Dense_0"]``), or the whole
+        argument when it is an array.
+      layer_probabilities: with ``"one_layer"``, ``"uniform"`` (:math:`p_l = 1/L`) or
+        ``"size"`` (:math:`p_l = n_l / n`: for signs, the variance of ``perturb="all"``).
       batching: ``"vmap"`` evaluates the K tangents together (the primal pass shared, memory for K
         tangents); ``"scan"`` one after the other in ``lax.scan`` (memory of one tangent, K
-        primal passes). Both give the same estimate for the same key.
+        primal passes). Both give the same estimate for the same key. With ``"one_layer"`` and
+        K > 1 prefer ``"scan"``: under ``vmap`` the ``lax.cond`` that skips the other layers'
+        products becomes a select that computes them all (same result, no saving).
       has_aux: ``fun`` returns ``(value, aux)``; ``aux`` is returned with the value.
 
     Returns:
@@ -401,11 +471,23 @@ def value_and_forward_grad(
     _check_choice("distribution", distribution, DISTRIBUTIONS)
     _check_choice("structure", structure, STRUCTURES)
     _check_choice("batching", batching, BATCHING)
+    _check_choice("perturb", perturb, PERTURB)
+    _check_choice("layer_probabilities", layer_probabilities, LAYER_PROBABILITIES)
     num_directions = _check_num_directions(num_directions)
     if not callable(fun):
         raise TypeError(f"fun must be callable, got {type(fun).__name__}")
 
-    estimator = _estimator(fun, argnums, num_directions, distribution, structure, batching, has_aux)
+    estimator = _estimator(
+        fun,
+        argnums,
+        num_directions,
+        distribution,
+        structure,
+        batching,
+        has_aux,
+        perturb=perturb,
+        layer_probabilities=layer_probabilities,
+    )
 
     def estimate(key: jax.Array, *args: Any, **kwargs: Any):
         value, aux, grads, _ = estimator(key, *args, **kwargs)
@@ -414,8 +496,66 @@ def value_and_forward_grad(
     return estimate
 
 
+def _layers(diff: tuple) -> tuple[list[int], list[int]]:
+    """Layer index of every leaf of ``diff`` (a tuple of differentiated arguments) and the
+    number of parameters of each layer: a layer is one top-level entry of an argument (a flax
+    layer in ``{"params": ...}``-free parameter dicts such as ``{"Dense_0": {...}, ...}``), or
+    the whole argument when it is a single array."""
+    ids: dict[Any, int] = {}
+    layer_of, sizes = [], []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(diff)[0]:
+        if path[:2] not in ids:
+            ids[path[:2]] = len(ids)
+            sizes.append(0)
+        layer_of.append(ids[path[:2]])
+        sizes[ids[path[:2]]] += math.prod(jnp.shape(leaf))
+    return layer_of, sizes
+
+
+def _one_layer_direction(key, diff, distribution, structure, layer_probabilities):
+    """A direction that perturbs one random layer ``l`` (probability ``p_l``) scaled by
+    ``1/sqrt(p_l)``, so that ``E[v vᵀ] = sum_l p_l (1/p_l) I_l = I``. Returns the direction, the
+    layer set of every leaf and ``gate(set) -> traced bool | None``, whether the chosen layer is
+    in the set (None: always)."""
+    layer_of, sizes = _layers(diff)
+    if layer_probabilities == "size":
+        probs = np.asarray(sizes, np.float64) / sum(sizes)
+    else:
+        probs = np.full(len(sizes), 1.0 / len(sizes))
+    layer_key, direction_key = jax.random.split(key)
+    layer = jax.random.choice(layer_key, len(sizes), p=jnp.asarray(probs, jnp.float32))
+    scale = jnp.asarray(1.0 / np.sqrt(probs), jnp.float32)[layer]
+    v = _direction(direction_key, diff, distribution, structure)
+    is_rank_one = lambda d: isinstance(d, RankOne)
+    leaves, treedef = jax.tree.flatten(v, is_leaf=is_rank_one)
+    scaled = []
+    for d, i in zip(leaves, layer_of, strict=True):
+        m = jnp.where(layer == i, scale, 0.0)
+        if is_rank_one(d):
+            scaled.append(RankOne(d.a * m.astype(d.a.dtype), d.b))
+        else:
+            scaled.append(d * m.astype(d.dtype))
+
+    def gate(layers: frozenset) -> jax.Array | None:
+        if len(layers) == len(sizes):
+            return None
+        return jnp.any(jnp.asarray(sorted(layers)) == layer)
+
+    deps = [frozenset({i}) for i in layer_of]
+    return jax.tree.unflatten(treedef, scaled), deps, gate
+
+
 def _estimator(
-    fun, argnums, num_directions, distribution, structure, batching, has_aux, guard=False
+    fun,
+    argnums,
+    num_directions,
+    distribution,
+    structure,
+    batching,
+    has_aux,
+    perturb="all",
+    layer_probabilities="uniform",
+    guard=False,
 ):
     """``(key, *args, **kwargs) -> (value, aux, estimate, ok)``; ``ok``: the value and the K
     directional derivatives are finite. With ``guard``, a step that is not ok estimates zeros
@@ -447,13 +587,23 @@ def _estimator(
             return value, aux
 
         def one(k):
-            v = _direction(k, diff, distribution, structure)
-            value, aux, dot = _jvp(f, diff, v)
+            if perturb == "all":
+                v = _direction(k, diff, distribution, structure)
+                value, aux, dot = _jvp(f, diff, v)
+            else:
+                v, deps, gate = _one_layer_direction(
+                    k, diff, distribution, structure, layer_probabilities
+                )
+                value, aux, dot = _jvp(f, diff, v, deps, gate)
             return value, aux, dot, v
 
         keys = jax.random.split(key, num_directions)
         if batching == "vmap":
-            value, aux, dots, vs = jax.vmap(one, out_axes=(None, None, 0, 0))(keys)
+            if num_directions == 1:  # no vmap: it would turn lax.cond into select
+                value, aux, dot, v = one(keys[0])
+                dots, vs = dot[None], jax.tree.map(lambda x: x[None], v)
+            else:
+                value, aux, dots, vs = jax.vmap(one, out_axes=(None, None, 0, 0))(keys)
             ok = jnp.isfinite(value) & jnp.all(jnp.isfinite(dots))
             if guard:
                 dots = jnp.where(ok, dots, jnp.zeros_like(dots))
@@ -525,6 +675,8 @@ def forward_grad(
     num_directions: int = 1,
     distribution: str = "normal",
     structure: str = "dense",
+    perturb: str = "all",
+    layer_probabilities: str = "uniform",
     batching: str = "vmap",
     has_aux: bool = False,
 ) -> Callable:
@@ -548,6 +700,8 @@ def forward_grad(
         num_directions=num_directions,
         distribution=distribution,
         structure=structure,
+        perturb=perturb,
+        layer_probabilities=layer_probabilities,
         batching=batching,
         has_aux=has_aux,
     )
@@ -582,6 +736,8 @@ def forward_gradient(
     distribution: str = "normal",
     *,
     structure: str = "dense",
+    perturb: str = "all",
+    layer_probabilities: str = "uniform",
     batching: str = "vmap",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the incoming updates by a forward-gradient estimate of ``value_fn`` at ``params``.
@@ -600,7 +756,10 @@ def forward_gradient(
       num_directions: K >= 1 directions averaged per update.
       distribution: ``"normal"`` or ``"rademacher"``.
       structure: ``"dense"`` or ``"rank_one"`` (fast; see :func:`value_and_forward_grad`).
-      batching: ``"vmap"`` or ``"scan"`` (memory-saving).
+      perturb: ``"all"`` or ``"one_layer"`` (faster; see :func:`value_and_forward_grad`).
+      layer_probabilities: ``"uniform"`` or ``"size"``, for ``"one_layer"``.
+      batching: ``"vmap"`` or ``"scan"`` (memory-saving; with ``"one_layer"`` and K > 1, also
+        the fast one).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose
@@ -616,6 +775,8 @@ def forward_gradient(
     _check_choice("distribution", distribution, DISTRIBUTIONS)
     _check_choice("structure", structure, STRUCTURES)
     _check_choice("batching", batching, BATCHING)
+    _check_choice("perturb", perturb, PERTURB)
+    _check_choice("layer_probabilities", layer_probabilities, LAYER_PROBABILITIES)
     num_directions = _check_num_directions(num_directions)
     estimate = _estimator(
         lambda params, value_fn: value_fn(params),
@@ -625,6 +786,8 @@ def forward_gradient(
         structure,
         batching,
         False,
+        perturb=perturb,
+        layer_probabilities=layer_probabilities,
         guard=True,
     )
 

@@ -101,6 +101,36 @@ def test_rank_one_directions_are_isotropic():
         np.testing.assert_allclose(second, np.eye(v.shape[1]), atol=0.08)
 
 
+def test_one_layer_directions_are_unbiased_with_the_stated_variance():
+    """perturb="one_layer" (here the layers are the leaves w, b, s): the mean of many estimates
+    -> ∇f (jax.grad) within 5 standard errors, and the total variance is
+    sum_l n_l ||∇_l f||² / p_l - ||∇f||² for sign directions: (n - 1)||∇f||² with p_l ∝ n_l
+    (the same as perturbing every layer), 3 sum_l n_l ||∇_l f||² - ||∇f||² with p_l = 1/3."""
+    grads = jax.grad(small_loss)(PARAMS)
+    true = flat(grads)
+    n = true.size
+    sizes = {k: np.size(v) for k, v in grads.items()}
+    squares = {k: float(np.sum(np.asarray(v, np.float64) ** 2)) for k, v in grads.items()}
+    for probabilities in ("uniform", "size"):
+        one = sample_estimates(
+            small_loss,
+            PARAMS,
+            20000,
+            distribution="rademacher",
+            structure="rank_one",
+            perturb="one_layer",
+            layer_probabilities=probabilities,
+        )
+        stderr = one.std(axis=0) / np.sqrt(len(one))
+        np.testing.assert_array_less(np.abs(one.mean(axis=0) - true), 5 * stderr + 1e-6)
+        p = {k: 1 / 3 if probabilities == "uniform" else sizes[k] / n for k in sizes}
+        expected = sum(sizes[k] * squares[k] / p[k] for k in sizes) - sum(squares.values())
+        if probabilities == "size":
+            assert expected == pytest.approx((n - 1) * np.sum(true**2), rel=1e-9)
+        errors = np.sum((one - true) ** 2, axis=1)
+        assert abs(errors.mean() - expected) < 5 * errors.std() / np.sqrt(len(errors))
+
+
 def test_rademacher_signs_are_fair_and_unpacked_correctly():
     signs = np.asarray(fwdgrad.rademacher(jax.random.key(0), (1000, 37), jnp.float32))
     assert signs.shape == (1000, 37)
@@ -133,6 +163,24 @@ def test_estimate_is_exact_directional_derivative_times_direction():
         d = np.abs(g[0])
         np.testing.assert_allclose(np.abs(g), d, rtol=1e-5)
         np.testing.assert_allclose(true @ g, d**2, rtol=1e-4)
+    # one random layer of two (p = 1/2), its signs scaled by sqrt(2): |g_i| = sqrt(2)|∇f·v| on
+    # that layer, zero elsewhere, and ∇f·g = (∇f·v)² = g_i² / 2
+    one_layer = jax.jit(
+        fwdgrad.forward_grad(
+            loss, distribution="rademacher", structure="rank_one", perturb="one_layer"
+        )
+    )
+    chosen = set()
+    for seed in range(4):
+        g = one_layer(jax.random.key(seed), params)
+        moved = [name for name, layer in g.items() if np.any(flat(layer) != 0)]
+        assert len(moved) == 1
+        chosen.add(moved[0])
+        g = flat(g)
+        d = np.abs(g[g != 0])
+        np.testing.assert_allclose(d, d[0], rtol=1e-5)
+        np.testing.assert_allclose(true @ g, d[0] ** 2 / 2, rtol=1e-4)
+    assert chosen == {"Dense_0", "Dense_1"}
 
 
 class _ConvNet(nn.Module):
@@ -211,6 +259,35 @@ def test_rank_one_directions_make_linear_layers_cheap():
     dots = _dot_generals(jax.make_jaxpr(dot_of)(params, jax.random.key(0)).jaxpr)
     assert sum(rhs == (64, 32) for _, rhs, _ in dots) == 1
     assert ((8, 64), (64,), (1,)) in dots
+
+
+def _dot_generals_by_cond(jaxpr, in_cond=False):
+    """(rhs shape, inside a lax.cond branch?) of every dot_general, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append((eqn.invars[1].aval.shape, in_cond))
+        inner_cond = in_cond or eqn.primitive.name == "cond"
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dot_generals_by_cond(inner, inner_cond)
+    return found
+
+
+def test_one_layer_skips_the_tangent_products_of_other_layers():
+    """With perturb="one_layer" the full (6, 7) x (7, 10) product of a tangent (the first
+    layer's perturbation carried through the second layer) sits in a lax.cond branch taken only
+    when the first layer is the perturbed one; outside conds, only the primal product."""
+    model = zoo.MLP(hidden=(7,))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4)))["params"]
+    x = jnp.ones((6, 4))
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
+    g = fwdgrad.forward_grad(loss, structure="rank_one", perturb="one_layer")
+    dots = _dot_generals_by_cond(jax.make_jaxpr(g)(jax.random.key(0), params).jaxpr)
+    assert dots.count(((7, 10), True)) >= 1  # (the branch also traces the unused primal)
+    assert dots.count(((7, 10), False)) == 1
 
 
 # --- no reverse mode --------------------------------------------------------------------------
@@ -387,21 +464,31 @@ def test_train_step_with_value_fn_gradient_matches_loss():
     model = zoo.make_model("mlp-small")
     problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
     params = zoo.init_params(model, jax.random.key(0))
+    lr = 1e-3
     tx = optax.chain(
         fwdgrad.forward_gradient(
-            jax.random.key(1), distribution="rademacher", structure="rank_one"
+            jax.random.key(1), distribution="rademacher", structure="rank_one", perturb="one_layer"
         ),
-        optax.sgd(1e-3),
+        optax.sgd(lr),
     )
     step = train.jit_step(train.make_step(problem, tx, fwdgrad.value_fn_gradient))
     images = jax.random.randint(jax.random.key(2), (8, 28, 28), 0, 256).astype(jnp.uint8)
     labels = jnp.arange(8) % 10
-    expected = float(problem.loss_fn(params, train.data_lib.normalize(images), labels))
+    x = train.data_lib.normalize(images)
+    expected = float(problem.loss_fn(params, x, labels))
+    true = flat(jax.grad(problem.loss_fn)(params, x, labels))
     state = train.init_state(params, tx, jax.random.key(3))
     state, value = step(state, images, labels)
     assert float(value) == pytest.approx(expected, rel=1e-5)
     assert int(state.skipped) == 0
     assert int(state.step) == 1
+    # one layer of two moved by -lr (∇f·v) v with |v_i| = sqrt(2): ∇f·Δ = -lr (∇f·v)² = -Δ_i²/(2 lr)
+    delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b, state.params, params)
+    assert sum(np.any(flat(layer) != 0) for layer in delta.values()) == 1
+    delta = flat(delta)
+    d = np.abs(delta[delta != 0])
+    np.testing.assert_allclose(d, d[0], rtol=1e-3)
+    np.testing.assert_allclose(true @ delta, -(d[0] ** 2) / (2 * lr), rtol=1e-2)
 
 
 def test_compare_methods_build():
@@ -466,6 +553,10 @@ def test_bad_construction_arguments():
         fwdgrad.forward_grad(f, structure="low_rank")
     with pytest.raises(ValueError, match="batching"):
         fwdgrad.value_and_forward_grad(f, batching="pmap")
+    with pytest.raises(ValueError, match="perturb"):
+        fwdgrad.forward_grad(f, perturb="one_leaf")
+    with pytest.raises(ValueError, match="layer_probabilities"):
+        fwdgrad.forward_gradient(jax.random.key(0), layer_probabilities="gradient")
     with pytest.raises(ValueError, match="num_directions"):
         fwdgrad.forward_grad(f, num_directions=0)
     with pytest.raises(TypeError, match="num_directions"):
