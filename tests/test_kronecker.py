@@ -307,3 +307,38 @@ def test_kfac_sgd_trains_a_small_mlp():
         losses.append(float(value))
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.1 * losses[0], losses
+
+
+def test_engine_factors_drive_the_same_update_as_the_reference():
+    from jaxopt_suite import curvature
+
+    n = 5
+    model, params, x, y = _setup(n)
+    apply_fn = lambda p, inputs: model.apply({"params": p}, inputs)
+    engine = curvature.value_and_grad(apply_fn, loss="cross_entropy", quantities=("kflr",))
+    tx = kronecker.kfac_sgd(0.1, damping=1e-2, inverse_every=1)
+
+    @jax.jit
+    def both(params):
+        _, grads, extras = engine(params, x, y)
+        _, ref_grads, ref = kronecker.mlp_value_grad_and_factors(params, x, y, activation=jnp.tanh)
+        state = tx.init(params)
+        ours, _ = tx.update(grads, state, params, factors=extras["kflr"])
+        theirs, _ = tx.update(ref_grads, state, params, factors=ref)
+        return extras["kflr"], ref, ours, theirs
+
+    factors, ref, ours, theirs = both(params)
+    for a, b in zip(jax.tree.leaves(factors), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=RTOL)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=1e-4)
+    # leaves the engine gives no factors (an embedding) get no state through factor_mask
+    embed = {"emb": jnp.zeros((7, 2)), "w": jnp.zeros((2, 3))}
+    mask = kronecker.factor_mask({"emb": None, "w": (jnp.eye(2), jnp.eye(3))}, embed)
+    assert mask == {"emb": False, "w": True}
+    state = kronecker.scale_by_kronecker(mask=mask).init(embed)
+    assert state.factors["emb"] is None and state.factors["w"][0].shape == (2, 2)
+    with pytest.raises(ValueError, match="structure of params"):
+        kronecker.factor_mask({"w": None}, embed)
+    with pytest.raises(ValueError, match="quantity must be one of"):
+        kronecker.curvature_gradient("diag_h")
