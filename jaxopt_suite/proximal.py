@@ -190,8 +190,8 @@ def group_sparsity(
       reg: regularisation strength, >= 0 (may be traced).
       learning_rate: the step size the prox is scaled by, >= 0, or an optax schedule
         (ProxGradPytorch's default is 0.1, independent of the optimizer's).
-      norm: ``"l21"`` (group l2 norms, cheap) or ``"linf1"`` (group l-infinity norms, one
-        sort per group).
+      norm: ``"l21"`` (group l2 norms; one extra pass over the parameters) or ``"linf1"``
+        (group l-infinity norms; an exact l1-ball threshold per group, a few more passes).
       include_bias: the bias entry belongs to the group; with False the groups are the kernel
         slices alone and biases are left alone.
       mask: as in ``optax.masked``; leaves mapped to False are neither regularised nor part
