@@ -127,8 +127,9 @@ def jax_part(args: argparse.Namespace) -> dict[str, Any]:
     extra = (
         _mlp_extras(apply_fn, loss_fn, params, key, args) if args.model.startswith("mlp") else {}
     )
-    main = group(args.batch_size, ENGINE, extra)
-    sqrt = group(args.sqrt_batch, SQRT)
+    main = group(args.batch_size, tuple(q for q in ENGINE if q in args.quantities), extra)
+    sqrt_names = tuple(q for q in SQRT if q in args.quantities)
+    sqrt = group(args.sqrt_batch, sqrt_names) if sqrt_names else {}
     if "kfac_step" in main:
         k = args.inverse_every
         amortised = (
@@ -305,8 +306,9 @@ def backpack_part(args: argparse.Namespace) -> dict[str, Any]:
 
     mlp = args.model.startswith("mlp") and args.products
     extra = {"hvp": hvp, "ggn_vp": ggn_vp} if mlp else None
-    main = group(args.batch_size, ENGINE, extra)
-    sqrt = group(args.sqrt_batch, SQRT)
+    main = group(args.batch_size, tuple(q for q in ENGINE if q in args.quantities), extra)
+    sqrt_names = tuple(q for q in SQRT if q in args.quantities)
+    sqrt = group(args.sqrt_batch, sqrt_names) if sqrt_names else {}
     sqrt = {("grad_sqrt_batch" if name == "grad" else name): t for name, t in sqrt.items()}
     return {
         "torch": torch.__version__,
@@ -420,7 +422,13 @@ def summary(out_dir: Path) -> dict[str, Any]:
             part["model"],
             {"batch_size": part["batch_size"], "sqrt_batch": part["sqrt_batch"]},
         )
-        entry[part["part"]] = part["result"]
+        # split runs (--tag) add their quantities; each ratio is over its own run's gradient
+        slot = entry.setdefault(part["part"], {"timings": {}, "unsupported": {}})
+        for field, value in part["result"].items():
+            if isinstance(value, dict) and field in slot:
+                slot[field].update(value)
+            else:
+                slot[field] = value
         entry.setdefault("commands", []).append(part["command"])
         entry.setdefault("load", []).append(part["load_before"])
     result = {"models": models}
@@ -440,6 +448,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: 128 MLP, 64 CNN")
     parser.add_argument("--sqrt-batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--quantities", nargs="+", default=[*ENGINE, *SQRT], choices=[*ENGINE, *SQRT]
+    )
+    parser.add_argument("--tag", default="", help="suffix of the part file (split runs)")
     parser.add_argument(
         "--products",
         action="store_true",
@@ -471,7 +483,9 @@ def main(argv: list[str]) -> None:
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "result": result,
     }
-    path = benchmarking.write_json(out_dir / "parts" / f"{args.part}_{args.model}.json", payload)
+    path = benchmarking.write_json(
+        out_dir / "parts" / f"{args.part}_{args.model}{args.tag}.json", payload
+    )
     for name, t in result["timings"].items():
         print(f"{name:>22}: {1e3 * t['median']:9.2f} ms  x{t['ratio']:6.2f}", flush=True)
     for name, why in result["unsupported"].items():
