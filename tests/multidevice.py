@@ -13,15 +13,22 @@ import sys
 import textwrap
 
 
-def run_on_devices(body: str, num_devices: int = 8, timeout: float = 300) -> str:
+def run_on_devices(
+    body: str, num_devices: int = 8, timeout: float = 600, fast_compile: bool = True
+) -> str:
     """Executes ``body`` in a subprocess with ``num_devices`` CPU devices; returns its stdout.
+
+    ``fast_compile`` turns XLA's backend (LLVM) optimisations off in the subprocess: the tiny
+    test programs then compile several times faster and run no slower that matters; every
+    comparison inside the body is between programs compiled the same way.
 
     Raises AssertionError with the subprocess output if the body fails.
     """
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={num_devices}"
-    ).strip()
+    flags = f" --xla_force_host_platform_device_count={num_devices}"
+    if fast_compile:
+        flags += " --xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + flags).strip()
     env["JAX_PLATFORMS"] = "cpu"
     prelude = f"import jax\nassert jax.device_count() == {num_devices}, jax.devices()\n"
     proc = subprocess.run(
