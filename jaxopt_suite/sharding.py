@@ -32,10 +32,11 @@ the initial parameters and PRNG keys must be the same on every host (same seeds)
 anything host-side (printing, checkpoints) should be done by ``jax.process_index() == 0``.
 On one machine, :func:`global_batch` with one process is what the tests check.
 
-Precision: the layouts change nothing about dtypes. The ``compare`` methods' steps keep
-bfloat16 parameters bfloat16, except KFAC/KFLR (``kronecker``: its Cholesky has no bfloat16
-kernel on CPU); the GGN quantities of ``curvature.value_and_grad`` fail on bfloat16 model
-outputs. Both gaps are pinned by ``xfail`` tests in ``tests/test_scaling_out.py``.
+Precision: the layouts change nothing about dtypes. Every ``compare`` method's step (and
+KFLR through ``kronecker.kfac_sgd``) keeps bfloat16 parameters bfloat16; each method widens to
+float32 where bfloat16 is not sound and says so in its docstring (AliG's norm and step size,
+ProxProp's solve, the curvature engine's loss-Hessian square roots and statistics, the
+Kronecker factors and their inverses). ``tests/test_scaling_out.py`` checks it.
 """
 
 from __future__ import annotations
