@@ -14,6 +14,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jaxopt_suite import curvature, kronecker
+from jaxopt_suite.curvature import hessian
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # Compilation dominates these tests: XLA's backend optimisations roughly double it and change
@@ -141,6 +142,9 @@ def run(apply, params, x, y, quantities, **kw):
 
 def test_mlp_every_new_quantity_both_paths():
     apply, params, x, y = setup(MLP(), (2,), 3)
+    # tanh, gelu's tanh, x^3 and x * tanh(.), softplus's exp and log1p, the sigmoids, and the
+    # product softplus * sigmoid: diag_h from the elementwise mechanism, not the fallback
+    assert len(hessian.instrument(apply, (True, False), params, x).sites) >= 8
     _, unravel, hess, ggn, per_sample = brute(apply, params, x, y)
     ggn_blocks = blocks(params, ggn)
     n = x.shape[0]
@@ -233,6 +237,7 @@ def test_kfac_and_sqrt_ggn_mc_converge_to_exact():
 
 def test_conv_factors_backpack_convention_and_diag_h():
     apply, params, x, y = setup(CNN(), (3, 4, 2), 2, seed=5)
+    assert len(hessian.instrument(apply, (True, False), params, x).sites) == 2
     _, unravel, hess, ggn, per_sample = brute(apply, params, x, y)
     extras = run(apply, params, x, y, ("kflr", "diag_h", "diag_h_batch", "sqrt_ggn_exact"))
     check_diagonals(extras, params, unravel, hess, per_sample)
@@ -261,6 +266,11 @@ def test_conv_factors_backpack_convention_and_diag_h():
 @pytest.mark.parametrize("model", [Norm(), Bilinear()])
 def test_diag_h_layernorm_and_generic_fallback(model):
     apply, params, x, y = setup(model, (3,), 3, seed=6)
+    if isinstance(model, Norm):  # the elementwise mechanism covers LayerNorm (no fallback)
+        assert hessian.instrument(apply, (True, False), params, x).sites
+    else:
+        with pytest.raises(hessian.Unsupported, match="dot_general"):
+            hessian.instrument(apply, (True, False), params, x)
     _, unravel, hess, _, per_sample = brute(apply, params, x, y)
     check_diagonals(
         run(apply, params, x, y, ("diag_h", "diag_h_batch")), params, unravel, hess, per_sample

@@ -10,7 +10,10 @@ the model's computation graph, into the GGN and one *residual* term per nonlinea
      \big(\tfrac{\partial u_{n,j}}{\partial \theta}\big)^\top
      \nabla^2_{u} \phi\, \big(\tfrac{\partial u_{n,j}}{\partial \theta}\big).
 
-For an *elementwise* node the local Hessian is a scalar (one operand: :math:`\phi''`) or a 2×2
+Only second derivatives in a single parameter count for the diagonal, so a bilinear node whose
+operands depend on disjoint sets of parameter leaves (every Dense/Conv layer's :math:`xW`,
+LayerNorm's scale times its normalised input) contributes nothing. For an *elementwise* node
+the local Hessian is a scalar (one operand: :math:`\phi''`) or a 2×2
 matrix (two operands, e.g. ``x * sigmoid(x)``) per unit j. Writing :math:`g \nabla^2\phi =
 \sum_d \lambda_d w_d w_d^\top` (its eigen-decomposition), the residual's diagonal is
 
@@ -126,7 +129,7 @@ def _second_derivatives(fn: Callable, values: list, which: list[int]) -> tuple[j
     return along(ea)(ea), along(ea)(eb), along(eb)(eb)
 
 
-def _apply(eqn: core.JaxprEqn, vals: list, deps: list[bool], ctx: _Context):
+def _apply(eqn: core.JaxprEqn, vals: list, deps: list[frozenset], ctx: _Context):
     name = eqn.primitive.name
     params = dict(eqn.params)
     nested = next((params[k] for k in _NESTED if k in params), None)
@@ -136,15 +139,19 @@ def _apply(eqn: core.JaxprEqn, vals: list, deps: list[bool], ctx: _Context):
         return [o for o, _ in outs], [d for _, d in outs]
     out = eqn.primitive.bind(*vals, **params)
     outs = out if eqn.primitive.multiple_results else [out]
-    dependent = any(deps) and name not in _NO_DERIVATIVE
-    out_deps = [dependent and _is_float(o) for o in outs]
-    if not any(out_deps):
+    union = frozenset().union(*deps) if name not in _NO_DERIVATIVE else frozenset()
+    out_deps = [union if _is_float(o) else frozenset() for o in outs]
+    if not union:
         return outs, out_deps
     which = [i for i, d in enumerate(deps) if d]
+    # A product of operands that depend on disjoint sets of leaves has no second derivative in
+    # any single parameter (its only curvature is between the two sets): nothing on the
+    # diagonal, e.g. a Dense layer's x W, or LayerNorm's scale times its normalised input.
+    disjoint = len(which) == 2 and not deps[which[0]] & deps[which[1]]
     linear = (
         name in _LINEAR
         or name in _PIECEWISE
-        or (name in _BILINEAR and len(which) == 1)
+        or (name in _BILINEAR and (len(which) == 1 or disjoint))
         or (name == "div" and which == [0])
         or (name == "integer_pow" and params["y"] in (0, 1))
     )
@@ -154,9 +161,14 @@ def _apply(eqn: core.JaxprEqn, vals: list, deps: list[bool], ctx: _Context):
         raise Unsupported(
             f"the primitive {name!r} with {len(which)} parameter-dependent operand(s)"
         )
-    shape = tuple(vals[which[0]].shape)
-    if any(tuple(vals[i].shape) != shape for i in which) or tuple(outs[0].shape) != shape:
-        raise Unsupported(f"the primitive {name!r} with broadcasting operands")
+    # Operands with size-1 axes (a parameter broadcast over the batch, e.g. LayerNorm's scale)
+    # enter the site broadcast to the output's shape; their cotangents sum back through it.
+    shape = tuple(outs[0].shape)
+    for i in which:
+        own = tuple(vals[i].shape)
+        if len(own) != len(shape) or any(a not in (b, 1) for a, b in zip(own, shape, strict=True)):
+            raise Unsupported(f"the primitive {name!r} with operands of shapes {own} -> {shape}")
+    vals = [jnp.broadcast_to(v, shape) if i in which else v for i, v in enumerate(vals)]
     index = len(ctx.sites)
     ctx.sites.append(Site(shape, vals[which[0]].dtype, len(which)))
     if ctx.perturbations is None:
@@ -169,16 +181,16 @@ def _apply(eqn: core.JaxprEqn, vals: list, deps: list[bool], ctx: _Context):
     return [outs[0] + ctx.perturbations[index].astype(outs[0].dtype)], out_deps
 
 
-def _eval(jaxpr: core.Jaxpr, consts: Sequence, args: Sequence, deps: Sequence[bool], ctx):
+def _eval(jaxpr: core.Jaxpr, consts: Sequence, args: Sequence, deps: Sequence[frozenset], ctx):
     env: dict = {}
 
     def read(v):
         if isinstance(v, core.Literal):
-            return v.val, False
+            return v.val, frozenset()
         return env[v]
 
     for v, c in zip(jaxpr.constvars, consts, strict=True):
-        env[v] = (c, False)
+        env[v] = (c, frozenset())
     for v, a, d in zip(jaxpr.invars, args, deps, strict=True):
         env[v] = (a, d)
     for eqn in jaxpr.eqns:
@@ -217,9 +229,10 @@ def instrument(fn: Callable, dependent: Sequence[bool], *example: Any) -> Instru
       Unsupported: a node the mechanism can't handle exactly.
     """
     flat_example, in_tree = jax.tree.flatten(example)
-    flags = []
+    flags: list[frozenset] = []  # the leaves each flat argument depends on: itself, or none
     for arg, d in zip(example, dependent, strict=True):
-        flags += [bool(d)] * len(jax.tree.leaves(arg))
+        for _ in jax.tree.leaves(arg):
+            flags.append(frozenset({len(flags)}) if d else frozenset())
 
     def flat_fn(*flat):
         return fn(*jax.tree.unflatten(in_tree, flat))
@@ -228,7 +241,8 @@ def instrument(fn: Callable, dependent: Sequence[bool], *example: Any) -> Instru
     out_tree = jax.tree.structure(out_shape)
     probe = _Context(None)
     jax.eval_shape(
-        lambda *flat: _eval(closed.jaxpr, closed.consts, flat, flags, probe), *flat_example
+        lambda *flat: [o for o, _ in _eval(closed.jaxpr, closed.consts, flat, flags, probe)],
+        *flat_example,
     )
     sites = probe.sites
 
