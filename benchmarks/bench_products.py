@@ -6,11 +6,12 @@ both frameworks. Timed (median of interleaved rounds after compilation/warm-up):
 
 * JAX (``--part jax``): the plain ``jax.value_and_grad`` and ``curvature.value_and_grad`` with
   one of ``diag_h``, ``diag_h_batch``, ``kfac``, ``kflr``, ``kfra`` each
-  (``benchmarking.time_interleaved``); with ``--products`` (MLP) also the matrix-free products
-  (``hvp``, ``ggn_vp``) and whole training steps (``sgd_step``, ``kfac_step`` with the engine's
-  ``kfac`` factors, without and with the refresh of the inverses).
+  (``benchmarking.time_interleaved``); on the MLP (unless ``--no-products``) also the
+  matrix-free products (``hvp``, ``ggn_vp``) and whole training steps (``sgd_step``,
+  ``kfac_step`` with the engine's ``kfac`` factors, without and with the refresh of the
+  inverses).
 * BackPACK (``--part backpack``): PyTorch's gradient and the extensions ``DiagHessian``,
-  ``BatchDiagHessian``, ``KFAC``, ``KFLR``, ``KFRA`` (and, with ``--products``, the
+  ``BatchDiagHessian``, ``KFAC``, ``KFLR``, ``KFRA`` (and, on the MLP unless ``--no-products``, the
   ``hessianfree`` GGN/Hessian-vector products), interleaved the same way, with
   ``OMP_WAIT_POLICY=PASSIVE`` and ``torch.set_num_threads(--torch-threads)``. The parts run
   in separate processes, so torch's OpenMP threads never compete with XLA's.
@@ -124,9 +125,8 @@ def jax_part(args: argparse.Namespace) -> dict[str, Any]:
         )
         return {name: {**t._asdict(), "batch_size": n} for name, t in timings.items()}
 
-    extra = (
-        _mlp_extras(apply_fn, loss_fn, params, key, args) if args.model.startswith("mlp") else {}
-    )
+    mlp = args.model.startswith("mlp") and args.products
+    extra = _mlp_extras(apply_fn, loss_fn, params, key, args) if mlp else {}
     main = group(args.batch_size, tuple(q for q in ENGINE if q in args.quantities), extra)
     sqrt_names = tuple(q for q in SQRT if q in args.quantities)
     sqrt = group(args.sqrt_batch, sqrt_names) if sqrt_names else {}
@@ -453,9 +453,10 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--tag", default="", help="suffix of the part file (split runs)")
     parser.add_argument(
-        "--products",
-        action="store_true",
-        help="MLP only: also the matrix-free products and the SGD/KFAC training steps",
+        "--no-products",
+        dest="products",
+        action="store_false",
+        help="MLP: skip the matrix-free products and the SGD/KFAC training steps",
     )
     parser.add_argument("--number", type=int, default=1)
     parser.add_argument("--inverse-every", type=int, default=10)
