@@ -181,11 +181,14 @@ def plot(results: dict[str, list[dict]], axis: str, path: Path, baseline: str) -
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, rows in results.items():
+    for i, (name, rows) in enumerate(results.items()):
         xs = [r[axis] for r in rows]
         ts = [r["method_ms"] for r in rows]
-        line = ax_t.loglog(xs, ts, "o-", label=f"{name} (x^{exponent(xs, ts):.2f})")
-        ax_m.loglog(xs, [r["method_mb"] for r in rows], "o-", color=line[0].get_color(), label=name)
+        style = ("o-", "s--", "^:")[i // 10]  # the colour cycle has 10 entries
+        line = ax_t.loglog(xs, ts, style, label=f"{name} (x^{exponent(xs, ts):.2f})")
+        ax_m.loglog(
+            xs, [r["method_mb"] for r in rows], style, color=line[0].get_color(), label=name
+        )
     xs, bp, bp_mb = _backprop_line(results, axis)
     ax_t.loglog(xs, bp, "k--", lw=2, label=f"{baseline} (x^{exponent(xs, bp):.2f})")
     ax_m.loglog(xs, bp_mb, "k--", lw=2, label=baseline)
