@@ -141,7 +141,7 @@ def _apply(eqn: core.JaxprEqn, vals: list, deps: list[frozenset], ctx: _Context)
     outs = out if eqn.primitive.multiple_results else [out]
     union = frozenset().union(*deps) if name not in _NO_DERIVATIVE else frozenset()
     out_deps = [union if _is_float(o) else frozenset() for o in outs]
-    if not union:
+    if not any(out_deps):  # no parameter dependence, or a boolean / integer result
         return outs, out_deps
     which = [i for i, d in enumerate(deps) if d]
     # A product of operands that depend on disjoint sets of leaves has no second derivative in
