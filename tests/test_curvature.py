@@ -425,3 +425,58 @@ def test_bad_input_errors_name_the_argument():
         curvature.value_and_grad(apply_fn, loss="mse")(params, x, y)
     with pytest.raises(ValueError, match="per-sample"):
         curvature.value_and_grad(apply_fn, loss=lambda o, t: o - t)(params, x, x)
+
+
+# --- the conv rule on its own: chunks of samples ------------------------------------------
+
+
+def test_conv_rule_over_sample_chunks_matches_per_sample_vjp(monkeypatch):
+    """``rules.conv_kernel`` reduces chunks of samples in a loop (here chunks of 2 of 3
+    samples: a scan or map plus a zero-padded last chunk): every statistic against
+    per-(column, sample) kernel gradients from ``jax.vjp`` of the convolution on one sample."""
+    from jaxopt_suite.curvature import rules
+    from jaxopt_suite.curvature.layers import ConvConfig, LayerCall
+
+    k, n = 2, 3
+    cases = [  # (input shape, kernel shape, ConvConfig)
+        ((n, 7, 4), (2, 2, 6), ConvConfig((2,), (1,), ((1, 0),), (2,), (1,), 2)),
+    ]
+    for shape, kshape, cfg in cases:
+        x, w = rand(shape, seed=3), rand(kshape, seed=4)
+        spec = ("NWC", "WIO", "NWC") if len(shape) == 3 else ("NHWC", "HWIO", "NHWC")
+
+        def conv(x, w, cfg=cfg, spec=spec):
+            return jax.lax.conv_general_dilated(
+                x,
+                w,
+                cfg.window_strides,
+                cfg.padding,
+                cfg.lhs_dilation,
+                cfg.rhs_dilation,
+                spec,
+                cfg.feature_group_count,
+            )
+
+        out = jax.eval_shape(conv, x, w)
+        delta = rand((k, *out.shape), seed=5)
+
+        def one(xi, di, w=w, conv=conv):  # one sample, one column: the kernel's gradient
+            return jax.vjp(conv, xi[None], w)[1](di[None])[1]
+
+        brute = np.asarray(jax.jit(jax.vmap(jax.vmap(one), (None, 0)))(x, delta))  # (K, N, *k)
+        want = {
+            "individual": brute[0],
+            "individual_sq_norm": (brute[0] ** 2).reshape(n, -1).sum(1),
+            "sum_sq": (brute**2).sum((0, 1)),
+            "individual_sum_sq": (brute**2).sum(0),
+        }
+        call = LayerCall("conv", 0, None, out, cfg)
+        monkeypatch.setattr(rules, "_CHUNK_BYTES", 2 * int(np.prod(kshape)) * k * 4)
+
+        @jax.jit
+        def stats(x, delta, call=call, cfg=cfg):
+            patches = rules.prepare(call, x)
+            return {s: rules.conv_kernel(s, patches, delta, cfg) for s in rules.STATISTICS}
+
+        for statistic, got in stats(x, delta).items():
+            np.testing.assert_allclose(got, want[statistic], **TOL, err_msg=statistic)
