@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -80,7 +81,13 @@ OUT = Path(__file__).parent / "results"
 
 
 def _load() -> str:
-    return os.getloadavg().__repr__() if hasattr(os, "getloadavg") else "n/a"
+    """The 1, 5 and 15 minute load averages."""
+    return " / ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def _fmt_load(text: str) -> str:
+    numbers = re.findall(r"\d+\.\d+", text)
+    return " / ".join(f"{float(v):.1f}" for v in numbers) if numbers else text
 
 
 def _batch(n: int):
@@ -393,10 +400,10 @@ def _markdown(results: list[dict]) -> str:
             f"`flock /tmp/jaxopt_bench.lock .venv/bin/python -m benchmarks.bench_curvature "
             f"--models {res['model']} --repeats {res['repeats']} --number {res['number']}`"
             f" — run {res.get('date', '?')}; load average (1, 5, 15 min) JAX phase "
-            f"{j['load_before']} → {j['load_after']}"
+            f"{_fmt_load(j['load_before'])} → {_fmt_load(j['load_after'])}"
             + (
-                f", BackPACK phase ({b['threads']} torch threads) {b['load_before']} → "
-                f"{b['load_after']}"
+                f", BackPACK phase ({b['threads']} torch threads) {_fmt_load(b['load_before'])}"
+                f" → {_fmt_load(b['load_after'])}"
                 if b
                 else ""
             ),
