@@ -101,6 +101,9 @@ def time_interleaved(
             for _ in range(number):
                 out = exe(*args)
             _block(out)
+            # Free the outputs inside this function's own timing: a large output (e.g. N x P
+            # per-sample gradients) would otherwise be released during the next function's.
+            del out
             if r >= warmup:
                 samples[name].append((time.perf_counter() - start) / number)
     base = float(np.median(samples[baseline]))
