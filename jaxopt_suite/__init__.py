@@ -47,6 +47,8 @@ _EXPORTS: dict[str, str] = {
     "scale_by_diagonal_curvature": "jaxopt_suite.precondition",
     "diag_ggn_sgd": "jaxopt_suite.precondition",
     "kronecker": "jaxopt_suite.kronecker",
+    "scale_by_kronecker": "jaxopt_suite.kronecker",
+    "kfac_sgd": "jaxopt_suite.kronecker",
     # forward gradient
     "forward_grad": "jaxopt_suite.fwdgrad",
     "value_and_forward_grad": "jaxopt_suite.fwdgrad",
