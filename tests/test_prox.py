@@ -213,9 +213,10 @@ def test_l1_ball_threshold_matches_sort_formula(size):
 
 
 # --------------------------------------------------------------------------- property tests
-finite = st.floats(-10, 10, allow_nan=False, width=32)
+# No subnormals: XLA on CPU flushes them to zero (a strength of 4e-45 acts as 0 there).
+finite = st.floats(-10, 10, allow_nan=False, allow_subnormal=False, width=32)
 pairs = hnp.arrays(np.float32, (2, 4, 3), elements=finite)
-strengths = st.floats(0, 5, width=32)
+strengths = st.floats(0, 5, allow_subnormal=False, width=32)
 
 
 @functools.cache
