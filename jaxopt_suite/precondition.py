@@ -38,6 +38,9 @@ def scale_by_diagonal_curvature(
     .. math::
        u_i \leftarrow \frac{u_i}{D_i + \lambda}
 
+    One division per entry, in the updates' dtype (bfloat16 stays bfloat16: nothing is
+    accumulated, so nothing is widened; the engine already sums the diagonal in float32).
+
     Args:
       damping: :math:`\lambda > 0`, added to the curvature (may be a traced array, e.g. under
         ``optax.inject_hyperparams``).

@@ -83,7 +83,8 @@ def proximal(
         \qquad t_k = \mathrm{reg}\cdot\eta_k
 
     with :math:`\eta_k` the learning rate at step :math:`k` (a constant or an optax schedule
-    evaluated at the transformation's own step count).
+    evaluated at the transformation's own step count). The operators of :mod:`jaxopt_suite.prox`
+    compute their sums and thresholds in at least float32 and return the input dtype.
 
     Args:
       prox_fn: ``(x, strength) -> prox``, e.g. :func:`jaxopt_suite.prox.l1`; applied to each
@@ -182,9 +183,10 @@ def group_sparsity(
         \text{linf1: } g_j \leftarrow g_j - \Pi_{\lVert\cdot\rVert_1 \le t_k}(g_j)
 
     so whole neurons become exactly zero and can be deleted (:func:`autosize.shrink`). Leaves
-    that are not part of a layer pass through unchanged. With ``reg=0.005, learning_rate=0.1,
-    norm="linf1"`` it is ProxGradPytorch's ``linf1(weight, bias, reg=0.005)`` in Flax layout
-    (kernel columns instead of weight rows).
+    that are not part of a layer pass through unchanged. Group norms and thresholds are
+    computed in at least float32 (bfloat16 parameters stay bfloat16). With
+    ``reg=0.005, learning_rate=0.1, norm="linf1"`` it is ProxGradPytorch's
+    ``linf1(weight, bias, reg=0.005)`` in Flax layout (kernel columns instead of weight rows).
 
     Args:
       reg: regularisation strength, >= 0 (may be traced).
