@@ -44,6 +44,11 @@ holds and the estimate stays unbiased. Its use is speed: a Dense kernel's tangen
 :math:`x (a b^\top) = (x a) b^\top` and a convolution's ``conv(x, a ⊗ b) = conv(x, a) ⊗ b`` cost a
 matrix-vector product instead of a second matrix product; this module's forward-mode interpreter
 applies those identities, and only ``jax.jvp`` differentiates anything else.
+
+Precision: nothing is widened. Directions are drawn in the parameters' dtype (random signs are
+exact in bfloat16), the jvp runs in the function's own dtypes, and the estimate has each leaf's
+dtype; with bfloat16 parameters the directional derivative carries bfloat16 rounding, far below
+the estimator's own variance.
 """
 
 from __future__ import annotations
