@@ -102,9 +102,27 @@ def init_state(params: PyTree, tx: optax.GradientTransformation, key: jax.Array)
     )
 
 
-def _all_finite(tree: PyTree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def _all_finite(*trees: PyTree) -> jax.Array:
+    """True when every entry of every tree is finite, as ONE float reduction per leaf.
+
+    ``x * 0`` is 0 for every finite ``x`` and NaN for ±inf and NaN, so
+    ``isfinite(Σ_leaves Σ (a·0 + b·0 + …))`` is exact. Leaves in the same position of trees
+    with the same structure (the direction and the updates) are read in the same fused
+    reduction; a boolean ``all(isfinite(x))`` per tree read each leaf once per tree and cost
+    a quarter of a small SGD step on CPU.
+    """
+    leaves = [jax.tree.leaves(t) for t in trees]
+    shapes = [[jnp.shape(x) for x in ls] for ls in leaves]
+    if any(s != shapes[0] for s in shapes[1:]):
+        leaves = [[x] for ls in leaves for x in ls]  # different layouts: one leaf at a time
+    else:
+        leaves = list(zip(*leaves, strict=True))
+    total = jnp.zeros((), jnp.float32)
+    for group in leaves:
+        group = [jnp.asarray(x) for x in group if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+        if group:
+            total = total + jnp.sum(sum(x * 0 for x in group)).astype(jnp.float32)
+    return jnp.isfinite(total)
 
 
 def make_step(
@@ -134,7 +152,7 @@ def make_step(
         updates, opt_state = tx.update(direction, state.opt_state, state.params, **extra)
         # The direction too: a transform that zeroes a non-finite step would otherwise let
         # the NaN into the state of the transforms before it in a chain.
-        ok = jnp.isfinite(value) & _all_finite(direction) & _all_finite(updates)
+        ok = jnp.isfinite(value) & _all_finite(direction, updates)
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = TrainState(

@@ -163,3 +163,48 @@ def test_problem_rejects_a_loss_it_cannot_compute():
     problem = train.Problem(lambda p, x: x @ p, loss="mse")
     with pytest.raises(ValueError, match=r"Problem\.loss must be one of \['cross_entropy'\]"):
         problem.loss_fn(jnp.ones((2, 3)), jnp.ones((4, 2)), jnp.zeros((4,), jnp.int32))
+
+
+@pytest.mark.parametrize("bad", [jnp.inf, -jnp.inf, jnp.nan])
+@pytest.mark.parametrize("where", ["direction", "updates"])
+def test_one_non_finite_entry_anywhere_skips_the_step(bad, where):
+    # The guard is one float reduction of x * 0 per leaf: one bad entry in one leaf of either
+    # tree must still be caught, and huge finite values must not be mistaken for overflow.
+    problem, params = _problem()
+    images, labels = _batch()
+    last = len(jax.tree.leaves(params)) - 1
+
+    def poison(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        leaves[last] = leaves[last].at[(0,) * leaves[last].ndim].set(bad)
+        return jax.tree.unflatten(treedef, leaves)
+
+    def gradient(problem, params, batch, key):
+        value, grads, extra = train.backprop(problem, params, batch, key)
+        grads = jax.tree.map(lambda g: g * 1e30, grads)  # finite, but squares would overflow
+        return value, poison(grads) if where == "direction" else grads, extra
+
+    post = optax.GradientTransformation(
+        lambda p: optax.EmptyState(),
+        lambda u, s, p=None: (poison(u) if where == "updates" else u, s),
+    )
+    tx = optax.chain(optax.sgd(1e-30), post)
+    state = train.init_state(params, tx, jax.random.key(0))
+    new_state, _ = jax.jit(train.make_step(problem, tx, gradient))(state, images, labels)
+    assert int(new_state.skipped) == 1
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_huge_finite_direction_is_not_skipped():
+    problem, params = _problem()
+    images, labels = _batch()
+
+    def gradient(problem, params, batch, key):
+        value, grads, extra = train.backprop(problem, params, batch, key)
+        return value, jax.tree.map(lambda g: jnp.full_like(g, 3e38), grads), extra
+
+    tx = optax.sgd(1e-38)
+    state = train.init_state(params, tx, jax.random.key(0))
+    new_state, _ = jax.jit(train.make_step(problem, tx, gradient))(state, images, labels)
+    assert int(new_state.skipped) == 0
