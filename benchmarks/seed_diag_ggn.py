@@ -1,0 +1,161 @@
+"""BackPACK's seed example (diag-GGN-MC preconditioned SGD, issue 5) over several seeds, in
+JAX and in BackPACK itself, on the same bundled MNIST.
+
+The seed (``../shared/seeds/001_*``): the BackPACK CNN, batch 64, step 0.01, damping 1,
+100 iterations, mini-batch accuracy measured before each step. Its printed run ends at
+86-95 %. This script runs that loop for ``--seeds`` seeds with ``jaxopt_suite`` and (with the
+``compare`` extra installed) with BackPACK's ``DiagGGNMC`` and PyTorch's default
+initialisation, and reports the mean mini-batch accuracy of the last 10 iterations per seed.
+Accuracy only: nothing here is timed.
+
+Run: ``.venv/bin/python -m benchmarks.seed_diag_ggn`` (about 2 minutes on 2 CPU cores).
+Writes ``benchmarks/results/seed_diag_ggn.json`` and ``benchmarks/results/seed_diag_ggn.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+ITERATIONS = 100
+
+
+def run_jax(seeds: int) -> list[list[float]]:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxopt_suite import data, precondition, train, zoo
+
+    mnist = data.load_mnist()
+    cnn = zoo.make_model("backpack-cnn")
+    problem = train.Problem(lambda p, x: cnn.apply({"params": p}, x))
+    tx = precondition.diag_ggn_sgd(0.01, damping=1.0)
+    gradient = precondition.curvature_gradient("diag_ggn_mc")
+    step = train.jit_step(train.make_step(problem, tx, gradient))
+    accuracy = jax.jit(
+        lambda p, images, labels: jnp.mean(
+            problem.apply_fn(p, data.normalize(images)).argmax(-1) == labels
+        )
+    )
+    runs = []
+    for seed in range(seeds):
+        params = zoo.init_params(cnn, jax.random.key(10 * seed))
+        state = train.init_state(params, tx, jax.random.key(10 * seed + 1))
+        batches = data.batches(
+            jax.random.key(10 * seed + 2), mnist.train_images, mnist.train_labels, batch_size=64
+        )
+        accs = []
+        for _ in range(ITERATIONS + 1):
+            images, labels = next(batches)
+            accs.append(float(accuracy(state.params, images, labels)))
+            state, _ = step(state, images, labels)
+        runs.append(accs)
+        print(f"jax seed {seed}: last-10 mean {np.mean(accs[-10:]):.3f}", flush=True)
+    return runs
+
+
+def run_backpack(seeds: int) -> list[list[float]]:
+    import torch
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNMC
+
+    from jaxopt_suite import data
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    mnist = data.load_mnist()
+    x_all = (mnist.train_images.astype(np.float32) / 255.0 - data.MNIST_MEAN) / data.MNIST_STD
+    images = torch.tensor(x_all[:, None])
+    labels = torch.tensor(mnist.train_labels.astype(np.int64))
+    runs = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 20, 5, 1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2, 2),
+            torch.nn.Conv2d(20, 50, 5, 1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2, 2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(800, 500),
+            torch.nn.ReLU(),
+            torch.nn.Linear(500, 10),
+        )
+        loss_function = torch.nn.CrossEntropyLoss()
+        extend(model)
+        extend(loss_function)
+        order = torch.randperm(len(images))
+        accs = []
+        for i in range(ITERATIONS + 1):
+            idx = order[64 * i : 64 * (i + 1)]
+            output = model(images[idx])
+            accs.append((output.argmax(1) == labels[idx]).float().mean().item())
+            with backpack(DiagGGNMC()):
+                loss_function(output, labels[idx]).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(p.grad / (p.diag_ggn_mc + 1.0), alpha=-0.01)
+                    p.grad = None
+        runs.append(accs)
+        print(f"backpack seed {seed}: last-10 mean {np.mean(accs[-10:]):.3f}", flush=True)
+    return runs
+
+
+def summary(runs: list[list[float]]) -> dict:
+    last10 = [float(np.mean(a[-10:])) for a in runs]
+    return {
+        "last10_per_seed": last10,
+        "mean": float(np.mean(last10)),
+        "min": float(np.min(last10)),
+        "max": float(np.max(last10)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--jax-only", action="store_true")
+    args = parser.parse_args()
+    from jaxopt_suite import benchmarking
+
+    result = {"jax": summary(run_jax(args.seeds))}
+    if not args.jax_only:
+        try:
+            result["backpack"] = summary(run_backpack(args.seeds))
+        except ImportError as err:  # the compare extra is not installed
+            print(f"BackPACK skipped: {err}")
+    result["date"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    benchmarking.write_json(RESULTS / "seed_diag_ggn.json", result)
+    lines = [
+        "# BackPACK's seed example over seeds (issue 5)",
+        "",
+        "diag-GGN-MC preconditioned SGD (step 0.01, damping 1), the BackPACK CNN, MNIST, batch 64,",
+        f"{ITERATIONS} iterations; mean mini-batch accuracy of the last 10 iterations (measured",
+        "before each step, as in the seed), per seed. Same bundled MNIST for both; each framework",
+        "uses its own default initialisation (Flax: LeCun normal, zero bias; PyTorch: uniform",
+        "±1/√fan_in). Command: `.venv/bin/python -m benchmarks.seed_diag_ggn`"
+        f" ({result['date']} UTC).",
+        "",
+        "| implementation | mean over seeds | min | max | per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in result.items():
+        if name == "date":
+            continue
+        per = ", ".join(f"{a * 100:.0f}" for a in r["last10_per_seed"])
+        lines.append(
+            f"| {name} | {r['mean'] * 100:.1f} % | {r['min'] * 100:.1f} % |"
+            f" {r['max'] * 100:.1f} % | {per} |"
+        )
+    (RESULTS / "seed_diag_ggn.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
