@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_suite.curvature import columns as columns_lib
-from jaxopt_suite.curvature import generic, hessian, kron, layers, losses, rules
+from jaxopt_suite.curvature import generic, hessian, kron, layers, losses, rules, rules_norm
 from jaxopt_suite.curvature import quantities as quantities_lib
 
 PyTree = Any
@@ -42,21 +42,25 @@ def value_and_grad(
        \mathrm{diag\_ggn} = \sum_n \sum_k \big(J_n^\top \sqrt{c}\, S_n[:, k]\big)^{\odot 2},
        \quad S_n S_n^\top = \nabla_f^2 \ell_n .
 
-    Dense and Conv layers of flax linen and nnx models are found while ``apply_fn`` is traced
-    and use their outer-product structure (:mod:`jaxopt_suite.curvature.layers`); every other
-    parameter takes the generic per-sample path (:mod:`jaxopt_suite.curvature.generic`) with
-    the same results. Samples must not interact inside the model (no batch statistics).
+    Dense, Conv, LayerNorm and Embed layers of flax linen and nnx models are found while
+    ``apply_fn`` is traced and use their structure (:mod:`jaxopt_suite.curvature.layers`,
+    :mod:`~jaxopt_suite.curvature.rules`, :mod:`~jaxopt_suite.curvature.rules_norm`); every
+    other parameter takes the generic per-sample path (:mod:`jaxopt_suite.curvature.generic`)
+    with the same results (:func:`coverage` tells which). Samples must not interact inside the
+    model (no batch statistics).
 
     Second-order quantities, per leaf: ``sqrt_ggn_exact`` / ``sqrt_ggn_mc`` are
     :math:`V` of shape (K, N, *leaf) (K = the loss Hessian's square-root columns, or M MC
     samples) with :math:`V V^\top` the leaf's GGN block; ``kflr`` / ``kfac`` / ``kfra`` are
     ``(A, G)`` per Dense/Conv kernel (GGN block ≈ ``kron(A, G)`` in the row-major kernel
-    layout) and ``(G,)`` per bias (conventions: :mod:`jaxopt_suite.curvature.kron`; ``None``
-    where no rule applies); ``diag_h`` / ``diag_h_batch`` are the exact Hessian diagonal, the
-    GGN diagonal plus the curvature of the model's elementwise nonlinearities found in its
-    jaxpr, or, for models outside that mechanism (e.g. products of two parameter-dependent
-    matrices), per-sample Hessian-vector products with one-hot tangents (exact but one product
-    per parameter and sample; see :mod:`jaxopt_suite.curvature.hessian`).
+    layout) and ``(G,)`` per bias (conventions: :mod:`jaxopt_suite.curvature.kron`; LayerNorm
+    leaves and other 1-D leaves ``(B,)`` with B their exact GGN block, except for ``kfra``;
+    ``None`` where no rule applies, e.g. an embedding table); ``diag_h`` / ``diag_h_batch``
+    are the exact Hessian diagonal, the GGN diagonal plus the curvature of the model's
+    elementwise nonlinearities found in its jaxpr, or, for models outside that mechanism
+    (e.g. products of two parameter-dependent matrices), per-sample Hessian-vector products
+    with one-hot tangents (exact but one product per parameter and sample; see
+    :mod:`jaxopt_suite.curvature.hessian`).
 
     bfloat16 (or float16) parameters and inputs: the loss-Hessian square roots and second
     derivatives are computed in float32 and cast to the outputs' dtype for the backward pass;
@@ -159,7 +163,7 @@ def value_and_grad(
             columns["ggn_mc"] = _columns(np.sqrt(c / mc_samples) * draws, outputs.dtype)
 
         owner = _owners(calls)
-        prepared = {i: rules.prepare(calls[i], x) for i, x in layer_inputs.items()}
+        prepared = {i: _prepare(calls[i], x) for i, x in layer_inputs.items()}
         free = [i for i in range(len(leaves)) if i not in owner]
 
         def apply_free(free_leaves, x):
@@ -241,6 +245,8 @@ def _layer_statistic(
 ) -> Any:
     """One statistic of a recognised layer's leaf; low-precision inputs are widened to float32
     first, so sums of squares and factors accumulate in float32."""
+    if call.kind in rules_norm.KINDS:  # widens itself (an Embed's recorded input is integer)
+        return rules_norm.layer_statistic(statistic, call, role, prepared, delta)
     if _low(prepared) or _low(delta):
         prepared, delta = _wide(prepared), _wide(delta)
     if statistic == "columns":
@@ -248,6 +254,12 @@ def _layer_statistic(
     if statistic == "kron":
         return kron.layer_factors(call, role, prepared, delta)
     return rules.layer_statistic(statistic, call, role, prepared, delta)
+
+
+def _prepare(call: layers.LayerCall, x: jax.Array) -> jax.Array:
+    """What the rule of ``call`` consumes, computed once per layer (:func:`rules.prepare` for
+    Dense and Conv; LayerNorm's normalised input and Embed's indices as recorded)."""
+    return x if call.kind in rules_norm.KINDS else rules.prepare(call, x)
 
 
 def _generic_statistics(apply_free, free_leaves, inputs, cols, stats, chunk_size):
@@ -270,8 +282,12 @@ def _generic_statistics(apply_free, free_leaves, inputs, cols, stats, chunk_size
 
 def _kfra(forward, zeros, calls, leaves, owner, prepared, columns) -> dict[str, list]:
     """``kron`` statistic of KFRA: A as KFLR's, G backpropagated by :func:`kron.kfra`;
-    ``None`` for leaves without a Dense rule."""
+    ``None`` for leaves without a Dense rule (LayerNorm and Embed leaves included: their
+    calls are left out of the chain, as before they had rules)."""
     out = [None] * len(leaves)
+    calls = {i: c for i, c in calls.items() if c.kind not in rules_norm.KINDS}
+    zeros = {i: zeros[i] for i in calls}
+    owner = {leaf: (ci, role) for leaf, (ci, role) in owner.items() if ci in calls}
     if calls:
         hess = kron._outer(columns["ggn_exact"])
         g = kron.kfra(lambda p: forward(leaves, p), zeros, calls, leaves, hess)
@@ -466,12 +482,14 @@ class _Residual:
 def _discover(apply_fn, leaves, treedef, inputs, batch) -> dict[int, layers.LayerCall]:
     """Traces ``apply_fn`` once (shapes only) and returns the usable layer calls by index."""
     found: list[list] = []
+    shared: set[int] = set()
 
     def probe(leaves, inputs):
         recorder = layers.Recorder(leaf_ids={id(leaf): i for i, leaf in enumerate(leaves)})
         with layers.recording(recorder):
             apply_fn(jax.tree.unflatten(treedef, leaves), inputs)
         found.append(recorder.calls)
+        shared.update(recorder.shared)
 
     jax.eval_shape(probe, leaves, inputs)
     calls = {
@@ -479,9 +497,10 @@ def _discover(apply_fn, leaves, treedef, inputs, batch) -> dict[int, layers.Laye
         for i, c in enumerate(found[0])
         if c is not None and len(c.output.shape) >= 2 and c.output.shape[0] == batch
     }
-    # A leaf used by several calls (shared layers) gets no structure: per-sample gradients
-    # are then sums over the calls, which the rules can't square separately.
-    uses: dict[int, int] = {}
+    # A leaf used by several calls (shared layers), or read outside its call (an embedding
+    # table that also computes the logits), gets no structure: per-sample gradients are then
+    # sums over the uses, which the rules can't square separately.
+    uses: dict[int, int] = dict.fromkeys(shared, 2)
     for c in calls.values():
         for leaf in (c.kernel, c.bias):
             if leaf is not None:
@@ -494,17 +513,30 @@ def _discover(apply_fn, leaves, treedef, inputs, batch) -> dict[int, layers.Laye
 
 
 def _owners(calls: dict[int, layers.LayerCall]) -> dict[int, tuple[int, str]]:
+    """Leaf index -> (call index, ``"kernel"`` or ``"bias"``); LayerNorm's scale is its
+    ``"kernel"``, an embedding table too."""
     owner = {}
     for index, call in calls.items():
-        owner[call.kernel] = (index, "kernel")
+        if call.kernel is not None:
+            owner[call.kernel] = (index, "kernel")
         if call.bias is not None:
             owner[call.bias] = (index, "bias")
     return owner
 
 
 def coverage(apply_fn: ApplyFn, params: PyTree, inputs: Any) -> PyTree:
-    """Which path serves each parameter: a pytree like ``params`` of ``"dense"``, ``"conv"``
-    or ``"generic"`` (for inspecting a model; :func:`value_and_grad` decides the same way)."""
+    """Which path serves each parameter: a pytree like ``params`` of ``"dense"``, ``"conv"``,
+    ``"layernorm"``, ``"embed"`` or ``"generic"`` (for inspecting a model;
+    :func:`value_and_grad` decides the same way).
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> model = nn.Sequential([nn.Embed(5, 3), nn.LayerNorm()])
+      >>> tokens = jnp.zeros((2, 4), jnp.int32)
+      >>> params = model.init(jax.random.key(0), tokens)["params"]
+      >>> coverage(lambda p, x: model.apply({"params": p}, x), params, tokens)["layers_1"]
+      {'bias': 'layernorm', 'scale': 'layernorm'}
+    """
     leaves, treedef = jax.tree.flatten(params)
     batch = jax.tree.leaves(inputs)[0].shape[0]
     owner = _owners(calls := _discover(apply_fn, leaves, treedef, inputs, batch))

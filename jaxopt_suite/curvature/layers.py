@@ -11,8 +11,23 @@ asked, records the layer input :math:`x` and adds a zero perturbation :math:`\va
 the layer output :math:`z`. The cotangent of :math:`\varepsilon` is :math:`\partial L/\partial
 z = \delta`, the quantity every rule below consumes.
 
+Two more layer kinds are found at the level of the module call (linen ``nn.LayerNorm`` /
+``nn.Embed`` through the same interception, nnx ``nnx.LayerNorm`` / ``nnx.Embed`` through the
+same patch): the recorder adds the zero perturbation to the module's output and records
+
+* ``layernorm`` (default ``reduction_axes`` = ``feature_axes`` = -1, no ``mask``, no
+  ``axis_name``): the normalised input :math:`\hat x = (x - \mu) / \sqrt{\sigma^2 +
+  \epsilon}`, computed again in float32 from ``stop_gradient(x)`` (the output is
+  :math:`\hat x \odot \gamma + \beta`, so :math:`\hat x` is all the scale's rule needs);
+  other axes or a mask leave the layer to the generic path;
+* ``embed``: the integer indices (any leading shape).
+
+A leaf read outside the recorded call (an ``Embed`` table also used by ``attend``, weight
+tying) is reported in ``Recorder.shared`` and gets no structure.
+
 The per-layer derivative rules that consume the recorded inputs and cotangents are in
-:mod:`jaxopt_suite.curvature.rules`.
+:mod:`jaxopt_suite.curvature.rules` (Dense, Conv) and
+:mod:`jaxopt_suite.curvature.rules_norm` (LayerNorm, Embed).
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
@@ -42,11 +58,15 @@ class ConvConfig(NamedTuple):
 class LayerCall(NamedTuple):
     """One recognised layer call: which leaves it owns and how its output is shaped."""
 
-    kind: str  # "dense" or "conv"
-    kernel: int  # index of the kernel among the flattened params leaves
+    kind: str  # "dense", "conv", "layernorm" or "embed"
+    # index among the flattened params leaves of the kernel (LayerNorm: the scale, None without
+    # one; Embed: the table)
+    kernel: int | None
     bias: int | None  # index of the bias leaf, None without bias
-    output: jax.ShapeDtypeStruct  # of the lax op (before the bias is added)
+    # Dense/Conv: of the lax op (before the bias is added); LayerNorm/Embed: of the module
+    output: jax.ShapeDtypeStruct
     conv: ConvConfig | None = None
+    vocab: int | None = None  # Embed: rows of the table
 
 
 class Recorder:
@@ -68,7 +88,49 @@ class Recorder:
         self.perturbations = perturbations or {}
         self.calls: list[LayerCall | None] = []
         self.inputs: dict[int, jax.Array] = {}
+        self.shared: set[int] = set()  # leaves also read outside their recorded call
         self.counter = 0
+
+    def mark_shared(self, value: Any) -> None:
+        """Notes that the leaf ``value`` is read outside a recorded call (e.g. ``attend``)."""
+        if self.leaf_ids is not None and self._leaf(value) is not None:
+            self.shared.add(self._leaf(value))
+
+    def module(
+        self,
+        kind: str,
+        call: Callable[[], jax.Array],
+        record: Callable[[], jax.Array] | None,
+        kernel: Any,
+        bias: Any = None,
+        vocab: int | None = None,
+    ) -> jax.Array:
+        """A LayerNorm or Embed call: ``call()`` computes the module's output; ``record()``
+        what its rule consumes (None: the call is not one the rule covers)."""
+        index, self.counter = self.counter, self.counter + 1
+        out = call()
+        if self.leaf_ids is not None:
+            leaves = [leaf for leaf in (kernel, bias) if leaf is not None]
+            usable = (
+                record is not None
+                and bool(leaves)
+                and all(self._leaf(leaf) is not None for leaf in leaves)
+            )
+            self.calls.append(
+                LayerCall(
+                    kind,
+                    self._leaf(kernel),
+                    self._leaf(bias),
+                    jax.ShapeDtypeStruct(out.shape, out.dtype),
+                    vocab=vocab,
+                )
+                if usable
+                else None
+            )
+        if index in self.perturbations:
+            self.inputs[index] = record()
+            return out + self.perturbations[index].astype(out.dtype)
+        return out
 
     def _leaf(self, value: Any) -> int | None:
         return None if value is None else self.leaf_ids.get(id(value))
@@ -181,6 +243,64 @@ _OPS = {
 }
 _LINEN_KINDS = {nn.Dense: "dense", nn.Conv: "conv"}
 _NNX_KINDS = {nnx.Linear: "dense", nnx.Conv: "conv"}
+_LINEN_MODULES = {nn.LayerNorm: "layernorm", nn.Embed: "embed"}
+_NNX_MODULES = {nnx.LayerNorm: "layernorm", nnx.Embed: "embed"}
+
+
+def normalised(x: jax.Array, epsilon: float, fast_variance: bool, dtype: Any) -> jax.Array:
+    r"""LayerNorm's normalised input over the last axis, without scale and bias.
+
+    .. math:: \hat x = (x - \mu) / \sqrt{\sigma^2 + \epsilon}, \quad \mu = \bar x, \quad
+       \sigma^2 = \overline{x^2} - \mu^2 \ (\text{clipped at 0; fast}) \text{ or }
+       \overline{(x - \mu)^2}
+
+    as flax computes it, in float32 at least (``dtype``: the module's, or None for ``x``'s);
+    ``stop_gradient`` on ``x``: only the value is recorded, and it adds no nonlinear nodes to
+    the model's differentiated graph.
+
+    Args:
+      x: the LayerNorm input (..., D).
+      epsilon: the module's epsilon.
+      fast_variance: the module's ``use_fast_variance``.
+      dtype: the module's ``dtype`` (None: ``x.dtype``).
+
+    Returns:
+      :math:`\hat x`, shaped like ``x``.
+    """
+    x = lax.stop_gradient(x)
+    x = x.astype(jnp.promote_types(dtype or x.dtype, jnp.float32))
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    if fast_variance:
+        var = jnp.maximum(0.0, jnp.mean(lax.square(x), axis=-1, keepdims=True) - mean**2)
+    else:
+        var = jnp.mean(lax.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * lax.rsqrt(var + epsilon)
+
+
+def _default_axes(ndim: int, axes: Any) -> bool:
+    """True when ``axes`` names the last axis only (LayerNorm's default)."""
+    axes = axes if isinstance(axes, tuple | list) else (axes,)
+    return ndim >= 2 and {ndim + a if a < 0 else a for a in axes} == {ndim - 1}
+
+
+def _layernorm_record(module: Any, x: Any, kwargs: dict) -> Callable[[], jax.Array] | None:
+    """What the LayerNorm rule records, or None when the call is outside it."""
+    if (
+        not isinstance(x, jax.Array)
+        or kwargs.get("mask") is not None
+        or getattr(module, "axis_name", None) is not None
+        or not _default_axes(x.ndim, module.reduction_axes)
+        or not _default_axes(x.ndim, module.feature_axes)
+    ):
+        return None
+    fast = getattr(module, "use_fast_variance", True)
+    return lambda: normalised(x, module.epsilon, fast, module.dtype)
+
+
+def _embed_record(x: Any) -> Callable[[], jax.Array] | None:
+    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.integer) or x.ndim < 1:
+        return None
+    return lambda: x
 
 
 @contextlib.contextmanager
@@ -199,8 +319,33 @@ def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
 _MISSING = object()
 
 
+def _linen_module(next_fun, args, kwargs, context, kind):
+    """LayerNorm / Embed calls of linen, routed through the active recorder."""
+    module = context.module
+    recorder = _ACTIVE[-1]
+    if context.method_name not in ("__call__", "attend"):
+        return next_fun(*args, **kwargs)
+    if kind == "embed":
+        table = module.get_variable("params", "embedding")
+        if context.method_name == "attend":  # the table is read a second way (weight tying)
+            recorder.mark_shared(table)
+            return next_fun(*args, **kwargs)
+        record = _embed_record(args[0]) if args else None
+        return recorder.module(
+            kind, lambda: next_fun(*args, **kwargs), record, table, vocab=table.shape[0]
+        )
+    if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+    scale = module.get_variable("params", "scale") if module.use_scale else None
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    record = _layernorm_record(module, args[0], kwargs) if args else None
+    return recorder.module(kind, lambda: next_fun(*args, **kwargs), record, scale, bias)
+
+
 def _linen_interceptor(next_fun, args, kwargs, context):
     module = context.module
+    if _ACTIVE and type(module) in _LINEN_MODULES:
+        return _linen_module(next_fun, args, kwargs, context, _LINEN_MODULES[type(module)])
     kind = _LINEN_KINDS.get(type(module))
     if not _ACTIVE or kind is None or context.method_name != "__call__":
         return next_fun(*args, **kwargs)
@@ -239,21 +384,55 @@ def _nnx_patch(cls: type, kind: str) -> Callable:
     return __call__
 
 
+def _nnx_module_patch(cls: type, kind: str) -> Callable:
+    original = cls.__call__
+
+    def __call__(self, *args, **kwargs):
+        if not _ACTIVE or type(self) is not cls:
+            return original(self, *args, **kwargs)
+        call = lambda: original(self, *args, **kwargs)
+        if kind == "embed":
+            table = _nnx_value(self.embedding)
+            record = _embed_record(args[0]) if args else None
+            return _ACTIVE[-1].module(kind, call, record, table, vocab=table.shape[0])
+        scale, bias = _nnx_value(self.scale), _nnx_value(self.bias)
+        record = _layernorm_record(self, args[0], kwargs) if args else None
+        return _ACTIVE[-1].module(kind, call, record, scale, bias)
+
+    return __call__
+
+
+def _nnx_attend_patch(cls: type) -> Callable:
+    original = cls.attend
+
+    def attend(self, *args, **kwargs):
+        if _ACTIVE:
+            _ACTIVE[-1].mark_shared(_nnx_value(self.embedding))
+        return original(self, *args, **kwargs)
+
+    return attend
+
+
 @contextlib.contextmanager
 def recording(recorder: Recorder) -> Iterator[Recorder]:
-    """Routes the Dense/Conv layers that run inside the block through ``recorder``.
+    """Routes the Dense/Conv/LayerNorm/Embed layers that run inside the block through
+    ``recorder``.
 
     Only meant around the tracing of a pure function: the nnx patch is process-wide while the
     block runs.
     """
-    originals = {cls: cls.__call__ for cls in _NNX_KINDS}
+    originals = [(cls, "__call__", cls.__call__) for cls in (*_NNX_KINDS, *_NNX_MODULES)]
+    originals.append((nnx.Embed, "attend", nnx.Embed.attend))
     _ACTIVE.append(recorder)
     try:
         for cls, kind in _NNX_KINDS.items():
             cls.__call__ = _nnx_patch(cls, kind)
+        for cls, kind in _NNX_MODULES.items():
+            cls.__call__ = _nnx_module_patch(cls, kind)
+        nnx.Embed.attend = _nnx_attend_patch(nnx.Embed)
         with nn.intercept_methods(_linen_interceptor):
             yield recorder
     finally:
-        for cls, method in originals.items():
-            cls.__call__ = method
+        for cls, name, method in originals:
+            setattr(cls, name, method)
         _ACTIVE.pop()
