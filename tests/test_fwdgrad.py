@@ -590,3 +590,11 @@ def test_bad_call_arguments_raise_at_trace_time():
         tx.update(x, state, x)
     with pytest.raises(ValueError, match="params"):
         tx.update(x, state, value_fn=lambda p: jnp.sum(p))
+
+
+@pytest.mark.parametrize("n", [31, 100])
+def test_materialised_draw_is_the_draw_itself(n):
+    # The rank-one factors go through a product with the identity (so XLA stores them once):
+    # it must not change a single bit, for tiny, huge and negative values alike.
+    x = jax.random.normal(jax.random.key(n), (n,)) * jnp.logspace(-30, 30, n)
+    np.testing.assert_array_equal(np.asarray(fwdgrad._materialise(x)), np.asarray(x))
