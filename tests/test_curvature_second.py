@@ -14,7 +14,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jaxopt_suite import curvature, kronecker
-from jaxopt_suite.curvature import hessian
+from jaxopt_suite.curvature import hessian, kron
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # Compilation dominates these tests: XLA's backend optimisations roughly double it and change
@@ -64,6 +64,27 @@ class Bilinear(nn.Module):
     def __call__(self, x):
         h = nn.Dense(4)(x).reshape(x.shape[0], 2, 2)
         return nn.Dense(3)((h @ h).reshape(x.shape[0], 4))
+
+
+class Chain(nn.Module):
+    """Dense layers joined by a per-sample map that is not elementwise (softmax over features):
+    KFRA's full per-sample Jacobian branch."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jax.nn.softmax(nn.Dense(3)(x))
+        h = jnp.tanh(nn.Dense(4)(h))
+        return nn.Dense(3)(h)
+
+
+def piecewise_linear(z):  # zero second derivative almost everywhere
+    return (
+        nn.relu(z)
+        + jnp.abs(z)
+        + jnp.where(z > 0.3, z, 0.5 * z)
+        + jnp.clip(z, -1.0, 1.0)
+        - jnp.maximum(z, 0.2)
+    )
 
 
 class Skip(nn.Module):
@@ -279,7 +300,10 @@ def test_diag_h_layernorm_and_generic_fallback(model):
 
 def test_diag_h_of_a_relu_network_is_the_ggn_diagonal():
     # diag_ggn_exact itself is checked against brute force in test_curvature.py
-    apply, params, x, y = setup(MLP(activation=nn.relu), (3,), 3, seed=6)
+    apply, params, x, y = setup(MLP(activation=piecewise_linear), (3,), 3, seed=6)
+    # relu, abs, where-selects, clip and max with a constant are no residual sites: diag_h
+    # backpropagates the GGN's columns and nothing else
+    assert hessian.instrument(apply, (True, False), params, x).sites == []
     extras = run(
         apply, params, x, y, ("diag_h", "diag_h_batch", "diag_ggn_exact", "diag_ggn_exact_batch")
     )
@@ -312,3 +336,48 @@ def test_kfra_outside_a_chain_raises():
         run(apply, params, x, y, ("kfra",))
     with pytest.raises(ValueError, match=r"valid names: .*kfra.*diag_h_batch"):
         curvature.value_and_grad(apply, loss="mse", quantities=("kfr",))
+
+
+# --- KFRA beyond elementwise activations, and the blocked symmetric product -------------------
+
+
+def test_kfra_through_a_non_elementwise_map():
+    apply, params, x, y = setup(Chain(), (2,), 2, seed=8)
+    n = x.shape[0]
+    got = run(apply, params, x, y, ("kfra",))["kfra"]
+
+    @fast_jit
+    def by_hand(params, x, y):
+        w = [params[f"Dense_{i}"]["kernel"] for i in range(3)]
+        b = [params[f"Dense_{i}"]["bias"] for i in range(3)]
+        z0 = x @ w[0] + b[0]
+        z1 = jax.nn.softmax(z0) @ w[1] + b[1]
+        out = jnp.tanh(z1) @ w[2] + b[2]
+        g2 = jax.vmap(jax.hessian(ce_one))(out, y).sum(0) / n
+        # per-sample Jacobians of the maps between layers, by autodiff
+        j1 = jax.vmap(jax.jacrev(jnp.tanh))(z1)  # (N, 4, 4)
+        j0 = jax.vmap(jax.jacrev(jax.nn.softmax))(z0)  # (N, 3, 3)
+        g1 = jnp.einsum("nai,ab,nbj->ij", j1, w[2] @ g2 @ w[2].T, j1) / n
+        g0 = jnp.einsum("nai,ab,nbj->ij", j0, w[1] @ g1 @ w[1].T, j0) / n
+        return g0, g1, g2
+
+    for name, g in zip(("Dense_0", "Dense_1", "Dense_2"), by_hand(params, x, y), strict=True):
+        close(got[name]["kernel"][1], g)
+        close(got[name]["bias"][0], g)
+
+
+def test_symmetric_dot_in_blocks():
+    rng = np.random.default_rng(9)
+    a = rng.normal(size=(7, 10))
+    k, m = rng.normal(size=(10, 6)), rng.normal(size=(6, 6))
+    m = m + m.T
+    for lhs, rhs, want in (
+        (a, a, a.T @ a),  # a Gram matrix
+        ((k @ m).T, k.T, k @ m @ k.T),  # K M Kᵀ for a symmetric M
+    ):
+        got = kron.symmetric_dot(jnp.asarray(lhs, jnp.float32), jnp.asarray(rhs, jnp.float32), 3)
+        close(got, want)
+        # blocks below the diagonal are the transposed ones above it
+        np.testing.assert_array_equal(np.asarray(got)[3:, :3], np.asarray(got)[:3, 3:].T)
+    with pytest.raises(ValueError, match="one shape"):
+        kron.symmetric_dot(jnp.ones((3, 4)), jnp.ones((4, 3)))

@@ -38,6 +38,7 @@ same as the bias rule); any other leaf, and every uncovered leaf for ``kfra``, g
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -50,12 +51,63 @@ from jaxopt_suite.curvature.layers import LayerCall
 Factors = tuple[jax.Array, ...] | None
 
 
+# Symmetric products of side d >= 1.5 x this (contracting at least this many rows) are formed
+# in square blocks of about this width, only on and above the diagonal, the rest
+# mirrored: 10 of 16 block products for d = 1024. On 2 CPU cores, G = Dᵀ D of KFLR's
+# (1280, 1024) columns takes 20 ms instead of 28 ms, the CNN's (4096, 500) patch Gram 15
+# instead of 17; below it the plain product is faster.
+_SYMMETRIC_BLOCK = 256
+
+
+def symmetric_dot(a: jax.Array, b: jax.Array, block: int = _SYMMETRIC_BLOCK) -> jax.Array:
+    r"""The product :math:`a^\top b` of two (r, d) matrices when it is known to be symmetric.
+
+    .. math:: (a^\top b)_{IJ} = a_{:,I}^\top b_{:,J} \ (I \le J), \qquad
+              (a^\top b)_{JI} = (a^\top b)_{IJ}^\top
+
+    over column blocks I, J of width about ``block``: only the blocks on and above the
+    diagonal are multiplied, those below are their transposes. Computed in the promoted
+    dtype of ``a`` and ``b`` (callers widen bfloat16 to float32 first).
+
+    Args:
+      a, b: (r, d) arrays with :math:`a^\top b` symmetric (e.g. ``b = a``, or
+        ``a = (K M)^\top``, ``b = K^\top`` for a symmetric M).
+      block: target block width; fewer than two blocks (d < 1.5 block) or r < block: one
+        plain product.
+
+    Returns:
+      The (d, d) product.
+
+    Example:
+      >>> a = jnp.arange(12.0).reshape(3, 4)
+      >>> bool(jnp.allclose(symmetric_dot(a, a, block=2), a.T @ a))
+      True
+    """
+    rows, d = a.shape
+    if a.shape != b.shape:
+        raise ValueError(f"symmetric_dot needs a and b of one shape; got {a.shape} and {b.shape}")
+    count = round(d / block)
+    if count < 2 or rows < block:
+        return a.T @ b
+    edges = [round(i * d / count) for i in range(count + 1)]
+    cols = list(itertools.pairwise(edges))
+    upper = {
+        (i, j): a[:, lo_i:hi_i].T @ b[:, lo_j:hi_j]
+        for i, (lo_i, hi_i) in enumerate(cols)
+        for j, (lo_j, hi_j) in enumerate(cols)
+        if j >= i
+    }
+    return jnp.block(
+        [[upper[i, j] if j >= i else upper[j, i].T for j in range(count)] for i in range(count)]
+    )
+
+
 def _outer(a: jax.Array) -> jax.Array:
     """:math:`\\sum_r a_r a_r^\\top` over all leading axes of ``a`` (..., d) -> (d, d); in the
-    accumulation dtype of ``a`` promoted to at least float32."""
+    accumulation dtype of ``a`` promoted to at least float32 (:func:`symmetric_dot`)."""
     a = a.reshape(-1, a.shape[-1])
     a = a.astype(jnp.promote_types(a.dtype, jnp.float32))
-    return a.T @ a
+    return symmetric_dot(a, a)
 
 
 def dense_factors(x: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -250,24 +302,27 @@ def kfra(
             else outs_deps.get(("z", i), False)
         )
 
-    _, linear = jax.linearize(lambda *f: flat_forward(*f), *flat)
-
     def jacobians(i):
         """d(target of layer i)/d(output of layer i) per sample: (N, out_i) diagonal if the
-        path is elementwise, else (N, target_dim, out_i)."""
+        path is elementwise, else (N, target_dim, out_i). Forward mode in layer i's output
+        alone: the other layers' tangents are symbolic zeros (a linearisation in every
+        perturbation multiplied zero tangents by the kernels after layer i)."""
         target = targets[i]
         pick = (lambda r: r[0]) if target == "outputs" else (lambda r: r[1][target])
-        zero = [jnp.zeros_like(f) for f in flat]
+        own = flat[index_of[i]]
+
+        def from_output(p_i):
+            full = list(flat)
+            full[index_of[i]] = p_i
+            return pick(flat_forward(*full))
 
         def push(t):
-            tangents = list(zero)
-            tangents[index_of[i]] = t
-            return pick(linear(*tangents))
+            return jax.jvp(from_output, (own,), (t,))[1]
 
         n, d = perturbations[i].shape
         if elementwise[i]:
-            return True, push(jnp.ones((n, d), flat[index_of[i]].dtype))
-        eye = jnp.eye(d, dtype=flat[index_of[i]].dtype)
+            return True, push(jnp.ones((n, d), own.dtype))
+        eye = jnp.eye(d, dtype=own.dtype)
         cols = jax.vmap(lambda e: push(jnp.broadcast_to(e, (n, d))))(eye)  # (d, N, target)
         return False, jnp.moveaxis(cols, 0, -1)
 
@@ -285,7 +340,7 @@ def kfra(
         jac = jac.astype(mat.dtype)
         n = jac.shape[0]
         if diagonal:
-            result[i] = mat * (jac.T @ jac) / n
+            result[i] = mat * symmetric_dot(jac / n, jac)
         else:
             result[i] = jnp.einsum("nai,ab,nbj->ij", jac, mat, jac) / n
     return result
