@@ -79,7 +79,7 @@ def dense_kernel(statistic: str, x: jax.Array, delta: jax.Array) -> jax.Array:
             return jnp.einsum("ni,no->nio", x, delta[0])
         if statistic == "individual_sq_norm":
             return jnp.sum(x**2, axis=-1) * jnp.sum(delta[0] ** 2, axis=-1)
-        delta_sq = jnp.sum(delta**2, axis=0)
+        delta_sq = sum_leading(delta**2)
         if statistic == "sum_sq":
             return jnp.einsum("ni,no->io", x**2, delta_sq)
         if statistic == "individual_sum_sq":
