@@ -38,7 +38,20 @@ def sum_leading(a: jax.Array) -> jax.Array:
     Same value as ``jnp.sum(a, axis=0)`` (pairwise, so no less accurate), but XLA on CPU
     reduces the leading (major) axis of a large array as a strided loop: summing 64
     per-sample conv-kernel gradients (64, 500, 50) that way took 7 ms, the halving 0.4 ms.
+
+    Args:
+      a: an array with at least one axis.
+
+    Returns:
+      ``a`` summed over axis 0, shape ``a.shape[1:]``, in ``a``'s dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> sum_leading(jnp.arange(6.0).reshape(3, 2))
+      Array([6., 9.], dtype=float32)
     """
+    if a.shape[0] == 0:
+        return jnp.zeros(a.shape[1:], a.dtype)
     while a.shape[0] > 1:
         half = a.shape[0] // 2
         head = a[:half] + a[half : 2 * half]
