@@ -185,7 +185,7 @@ class Sequence(nn.Module):
 
 
 class Mixed(nn.Module):
-    """A covered Dense, an uncovered LayerNorm and a hand-made parameter."""
+    """A covered Dense, a LayerNorm (its own rule) and an uncovered hand-made parameter."""
 
     @nn.compact
     def __call__(self, x):
@@ -276,7 +276,7 @@ def test_mixed_covered_and_uncovered_layers():
     model = Mixed()
     params = init(model, x)
     kinds = curvature.coverage(linen_apply(model), params, x)
-    assert kinds["LayerNorm_0"]["scale"] == "generic" and kinds["scale"] == "generic"
+    assert kinds["LayerNorm_0"]["scale"] == "layernorm" and kinds["scale"] == "generic"
     assert kinds["Dense_0"]["kernel"] == "dense"
     check_all(linen_apply(model), params, x, y, "cross_entropy", generic=True, chunk_size=3)
 

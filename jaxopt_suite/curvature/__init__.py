@@ -8,8 +8,9 @@ Gauss-Newton matrix (exact or by Monte Carlo, summed or per sample) and its squa
 exact Hessian diagonal (``diag_h``, ``diag_h_batch``).
 
 Layout, as BackPACK's: :mod:`~jaxopt_suite.curvature.losses` (loss Hessian square roots and
-sampling), :mod:`~jaxopt_suite.curvature.layers` (finding Dense/Conv layers while tracing),
-:mod:`~jaxopt_suite.curvature.rules` (their per-sample derivative rules),
+sampling), :mod:`~jaxopt_suite.curvature.layers` (finding Dense/Conv/LayerNorm/Embed layers while
+tracing), :mod:`~jaxopt_suite.curvature.rules` and :mod:`~jaxopt_suite.curvature.rules_norm`
+(their per-sample derivative rules: Dense/Conv; LayerNorm/Embed),
 :mod:`~jaxopt_suite.curvature.columns` and :mod:`~jaxopt_suite.curvature.kron` (square-root
 columns and Kronecker factors), :mod:`~jaxopt_suite.curvature.hessian` (the curvature of the
 model's nonlinearities, found in its jaxpr), :mod:`~jaxopt_suite.curvature.generic`
