@@ -25,10 +25,16 @@ from jaxopt_suite.curvature.layers import ConvConfig, LayerCall
 def dense_kernel(x: jax.Array, delta: jax.Array) -> jax.Array:
     """``(K, N, in, out)``: :math:`\\sum_t x_{n,t} \\delta_{k,n,t}^\\top` for x (N, ..., in)
     and delta (K, N, ..., out)."""
-    n = x.shape[0]
+    n, k = x.shape[0], delta.shape[0]
     x = x.reshape(n, -1, x.shape[-1])
-    delta = delta.reshape(delta.shape[0], n, -1, delta.shape[-1])
-    return jnp.einsum("nti,knto->knio", x, delta)
+    delta = delta.reshape(k, n, -1, delta.shape[-1])
+    if x.shape[1] == 1:
+        # One outer product per (column, sample), written straight into the (K, N, in, out)
+        # result: as a product with N as its batch axis XLA returned (N, in, K, out) and then
+        # transposed it, a second pass over the largest array of the quantity.
+        return x[None, :, 0, :, None] * delta[:, :, 0, None, :]
+    # (K, N) both batch axes of the product, so that it comes out in the result's layout.
+    return jnp.einsum("knti,knto->knio", jnp.broadcast_to(x, (k, *x.shape)), delta)
 
 
 def bias(delta: jax.Array) -> jax.Array:
