@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import torch_models
+
 QUANTITIES = (
     "grad_batch",
     "batch_l2",
@@ -243,18 +245,7 @@ def _backpack_worker(folder: str, model_name: str, quantities, repeats, number, 
     arrays = np.load(Path(folder) / "in.npz")
     t = lambda name: torch.tensor(arrays[name])
     if model_name == "backpack-cnn":
-        net = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 20, 5),
-            torch.nn.ReLU(),
-            torch.nn.MaxPool2d(2, 2),
-            torch.nn.Conv2d(20, 50, 5),
-            torch.nn.ReLU(),
-            torch.nn.MaxPool2d(2, 2),
-            torch.nn.Flatten(),
-            torch.nn.Linear(800, 500),
-            torch.nn.ReLU(),
-            torch.nn.Linear(500, 10),
-        )
+        net = torch_models.backpack_cnn()
         with torch.no_grad():
             for layer, name in zip([net[0], net[3]], ["Conv_0", "Conv_1"], strict=True):
                 layer.weight.copy_(t(f"{name}/kernel").permute(3, 2, 0, 1))

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import torch_models
 from jaxopt_suite import benchmarking, curvature, kronecker, train, zoo
 from jaxopt_suite import data as data_lib
 from jaxopt_suite.curvature import products
@@ -209,18 +210,7 @@ def _torch_model(model_name: str, params):
 
     t = lambda a: torch.tensor(np.asarray(a))
     if model_name == "backpack-cnn":
-        net = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 20, 5),
-            torch.nn.ReLU(),
-            torch.nn.MaxPool2d(2, 2),
-            torch.nn.Conv2d(20, 50, 5),
-            torch.nn.ReLU(),
-            torch.nn.MaxPool2d(2, 2),
-            torch.nn.Flatten(),
-            torch.nn.Linear(800, 500),
-            torch.nn.ReLU(),
-            torch.nn.Linear(500, 10),
-        )
+        net = torch_models.backpack_cnn()
         with torch.no_grad():
             for layer, name in ((net[0], "Conv_0"), (net[3], "Conv_1")):
                 layer.weight.copy_(t(params[name]["kernel"]).permute(3, 2, 0, 1))
