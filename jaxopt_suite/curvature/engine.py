@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -124,8 +125,8 @@ def value_and_grad(
         calls = _discover(apply_fn, leaves, treedef, inputs, batch) if structured and needs else {}
         zeros = {i: jnp.zeros(c.output.shape, c.output.dtype) for i, c in calls.items()}
 
-        def forward(leaves, perturbations, x=inputs):
-            recorder = layers.Recorder(perturbations=perturbations)
+        def forward(leaves, perturbations, x=inputs, fast=False):
+            recorder = layers.Recorder(perturbations=perturbations, fast=fast)
             with layers.recording(recorder):
                 out = apply_fn(jax.tree.unflatten(treedef, leaves), x)
             return out, recorder.inputs
@@ -139,7 +140,9 @@ def value_and_grad(
         if residual is not None and residual.sites:
             outputs, vjp_fn, layer_inputs = residual.vjp
         else:
-            outputs, vjp_fn, layer_inputs = jax.vjp(forward, leaves, zeros, has_aux=True)
+            # reverse mode only: the faster conv / max-pool backward passes (fastgrad)
+            fast_forward = functools.partial(forward, fast=True)
+            outputs, vjp_fn, layer_inputs = jax.vjp(fast_forward, leaves, zeros, has_aux=True)
         loss_obj.check(outputs, targets)
         c = losses.scale(reduction, loss_obj, outputs.shape)
 

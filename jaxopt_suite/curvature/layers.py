@@ -43,6 +43,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jaxopt_suite.curvature import fastgrad
+
 
 class ConvConfig(NamedTuple):
     """The linear map of one ``lax.conv_general_dilated`` call in channel-last layout."""
@@ -76,15 +78,18 @@ class Recorder:
     call, a :class:`LayerCall` or ``None`` when the call can't be used. ``perturb`` mode
     (``perturbations`` given: call index -> zero array) records ``inputs`` and adds the
     perturbations. Calls are numbered in execution order, which is the same in every trace of
-    the same function.
+    the same function. ``fast``: convolutions and non-overlapping max-pooling get the backward
+    passes of :mod:`~jaxopt_suite.curvature.fastgrad` (reverse mode only).
     """
 
     def __init__(
         self,
         leaf_ids: dict[int, int] | None = None,
         perturbations: dict[int, jax.Array] | None = None,
+        fast: bool = False,
     ):
         self.leaf_ids = leaf_ids
+        self.fast = fast
         self.perturbations = perturbations or {}
         self.calls: list[LayerCall | None] = []
         self.inputs: dict[int, jax.Array] = {}
@@ -171,7 +176,11 @@ class Recorder:
     def conv(self, op: Callable, kernel: Any, bias: Any) -> Callable:
         def conv_general_dilated(lhs, rhs, *args, **kwargs):
             index, self.counter = self.counter, self.counter + 1
-            out = op(lhs, rhs, *args, **kwargs)
+            if self.fast:
+                config = _conv_config(lhs, rhs, args, kwargs)
+                out = fastgrad.fast_conv(op, config, lhs, rhs, args, kwargs)
+            else:
+                out = op(lhs, rhs, *args, **kwargs)
             if self.leaf_ids is not None:
                 config = _conv_config(lhs, rhs, args, kwargs)
                 usable = (
@@ -430,7 +439,8 @@ def recording(recorder: Recorder) -> Iterator[Recorder]:
         for cls, kind in _NNX_MODULES.items():
             cls.__call__ = _nnx_module_patch(cls, kind)
         nnx.Embed.attend = _nnx_attend_patch(nnx.Embed)
-        with nn.intercept_methods(_linen_interceptor):
+        pooling = fastgrad.patched_pooling() if recorder.fast else contextlib.nullcontext()
+        with nn.intercept_methods(_linen_interceptor), pooling:
             yield recorder
     finally:
         for cls, name, method in originals:
