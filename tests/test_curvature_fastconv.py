@@ -76,10 +76,14 @@ def test_banded_input_cotangent_is_the_transposed_convolution():
     w = jax.random.normal(jax.random.key(0), (3, 2, 2, 3))
     plain, full = _plain(x.shape, {"padding": ((1, 2), (0, 1))})
     config = layers._conv_config(x, w, (), full)
-    jac = jax.jacrev(lambda x: plain(x, w))(x)  # (*out, *x)
-    ct = jax.random.normal(jax.random.key(1), jac.shape[:4])
-    want = jnp.tensordot(ct, jac, axes=4)
-    got = fastgrad.conv_input_cotangent(ct, w, config, x.shape)
+    ct = jax.random.normal(jax.random.key(1), jax.eval_shape(plain, x, w).shape)
+
+    @jax.jit
+    def both(ct, w):
+        jac = jax.jacrev(lambda x: plain(x, w))(x)  # (*out, *x)
+        return jnp.tensordot(ct, jac, axes=4), fastgrad.conv_input_cotangent(ct, w, config, x.shape)
+
+    want, got = both(ct, w)
     np.testing.assert_allclose(got, want, **TOL)
     with pytest.raises(ValueError, match="config"):
         fastgrad.conv_input_cotangent(ct, w, config._replace(window_strides=(2, 1)), x.shape)
@@ -127,14 +131,6 @@ def test_overlapping_or_padded_pooling_keeps_the_plain_transpose():
     assert "select_and_scatter_add" not in jaxpr
 
 
-class _LinenCNN(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.max_pool(nn.relu(nn.Conv(3, (3, 3), padding="SAME")(x)), (2, 2), strides=(2, 2))
-        x = nn.relu(nn.Conv(4, (2, 2), padding="VALID")(x))
-        return nn.Dense(3)(x.reshape(x.shape[0], -1))
-
-
 class _NnxCNN(nnx.Module):
     def __init__(self, rngs):
         self.conv0 = nnx.Conv(2, 3, (3, 3), padding="SAME", rngs=rngs)
@@ -147,19 +143,14 @@ class _NnxCNN(nnx.Module):
         return self.dense(x.reshape(x.shape[0], -1))
 
 
-# linen CNNs with pooling go through the fast backward in tests/test_curvature_models.py
-# (against brute force); here an nnx one, against the engine's generic path.
-@pytest.mark.parametrize("flavour", ["nnx"])
-def test_engine_with_fast_backward_matches_the_generic_path(flavour):
+# linen CNNs with max-pooling take the fast backward in tests/test_curvature.py and
+# tests/test_curvature_models.py (against brute force); here an nnx one, against the engine's
+# generic path (per-sample VJPs, no recorder).
+def test_nnx_engine_with_fast_backward_matches_the_generic_path():
     x = jax.random.normal(jax.random.key(0), (3, 6, 6, 2))
     y = jnp.array([0, 2, 1])
-    if flavour == "linen":
-        model = _LinenCNN()
-        params = model.init(jax.random.key(1), x)["params"]
-        apply = lambda p, x: model.apply({"params": p}, x)
-    else:
-        graphdef, params = nnx.split(_NnxCNN(nnx.Rngs(1)))
-        apply = lambda p, x: nnx.merge(graphdef, p)(x)
+    graphdef, params = nnx.split(_NnxCNN(nnx.Rngs(1)))
+    apply = lambda p, x: nnx.merge(graphdef, p)(x)
     quantities = ("diag_ggn_exact", "diag_ggn_mc")
     kinds = curvature.coverage(apply, params, x)
     assert {"conv", "dense"} == set(jax.tree.leaves(kinds))

@@ -14,8 +14,10 @@ tracing), :mod:`~jaxopt_suite.curvature.rules` and :mod:`~jaxopt_suite.curvature
 :mod:`~jaxopt_suite.curvature.columns` and :mod:`~jaxopt_suite.curvature.kron` (square-root
 columns and Kronecker factors), :mod:`~jaxopt_suite.curvature.hessian` (the curvature of the
 model's nonlinearities, found in its jaxpr), :mod:`~jaxopt_suite.curvature.generic`
-(per-sample VJPs for everything else), :mod:`~jaxopt_suite.curvature.quantities` (each quantity
-written once against both) and :mod:`~jaxopt_suite.curvature.engine` (the entry point).
+(per-sample VJPs for everything else), :mod:`~jaxopt_suite.curvature.fastgrad` (cheaper
+convolution and max-pooling backward passes inside the engine's own trace),
+:mod:`~jaxopt_suite.curvature.quantities` (each quantity written once against both) and
+:mod:`~jaxopt_suite.curvature.engine` (the entry point).
 Matrix-free GGN and Hessian products and Hutchinson diagonals live in
 :mod:`~jaxopt_suite.curvature.products`.
 """

@@ -48,7 +48,10 @@ def value_and_grad(
     :mod:`~jaxopt_suite.curvature.rules`, :mod:`~jaxopt_suite.curvature.rules_norm`); every
     other parameter takes the generic per-sample path (:mod:`jaxopt_suite.curvature.generic`)
     with the same results (:func:`coverage` tells which). Samples must not interact inside the
-    model (no batch statistics).
+    model (no batch statistics). Inside the engine's reverse pass only, 2-D stride-1
+    convolutions and non-overlapping max-pooling backpropagate the gradient and the columns by
+    cheaper formulations with the same values (:mod:`~jaxopt_suite.curvature.fastgrad`); the
+    model's forward is unchanged.
 
     Second-order quantities, per leaf: ``sqrt_ggn_exact`` / ``sqrt_ggn_mc`` are
     :math:`V` of shape (K, N, *leaf) (K = the loss Hessian's square-root columns, or M MC

@@ -115,8 +115,7 @@ def conv_input_cotangent(
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> if TYPE_CHECKING:
-    from jaxopt_suite.curvature.layers import ConvConfig
+      >>> from jaxopt_suite.curvature.layers import ConvConfig
       >>> cfg = ConvConfig((3, 3), (1, 1), ((0, 0), (0, 0)), (1, 1), (1, 1), 1)
       >>> ct, w = jnp.ones((2, 4, 4, 5)), jnp.ones((3, 3, 2, 5))
       >>> conv_input_cotangent(ct, w, cfg, (2, 6, 6, 2)).shape
@@ -127,7 +126,7 @@ def conv_input_cotangent(
     kh, kw, c_in, c_out = kernel.shape
     n, rows, cols, _ = cotangent.shape
     (top, _), (left, _) = config.padding
-    padded_rows, padded_cols = rows + kh - 1, cols + kw - 1
+    padded_cols = cols + kw - 1
     acc = jnp.promote_types(jnp.result_type(cotangent, kernel), jnp.float32)
     block = _block_width(cols, kw)
     flat = cotangent.reshape(n * rows, cols, c_out)
@@ -150,7 +149,6 @@ def conv_input_cotangent(
         shifted = jnp.pad(wide[:, :, a], ((0, 0), (a, kh - 1 - a), (0, 0), (0, 0)))
         total = shifted if total is None else total + shifted
     _, height, width, _ = lhs_shape
-    del padded_rows
     return total[:, top : top + height, left : left + width].astype(cotangent.dtype)
 
 
