@@ -7,6 +7,10 @@
    per hidden layer against test accuracy (plot).
 3. Shrink: the dead units of a trained model are deleted (``autosize.shrink``) and the
    inference time of the shrunk model is measured against the original, side by side.
+4. ``--newton-stats N``: how much work the exact linf1 threshold needs, per hidden layer, at the
+   overhead benchmark's state and during training (after each step in ``N``): how many groups
+   have more than one entry within ``t`` of their largest (those a "max minus t" shortcut
+   cannot settle), and how many Newton steps each group's threshold takes. Untimed.
 
 Run: ``.venv/bin/python -m benchmarks.bench_proximal`` (``--quick`` for a fast sanity run);
 the timed sections take ``/tmp/jaxopt_bench.lock`` themselves, the training does not.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import sys
 import time
 from pathlib import Path
@@ -83,6 +88,76 @@ def overhead(args: argparse.Namespace) -> dict:
         }
         for name, t in timings.items()
     }
+
+
+def newton_work(params, updates, t: float) -> dict:
+    """Per regularised layer: the groups (output units with their bias) whose l1-ball threshold
+    is not simply ``max|z| - t`` (more than one entry of ``z = p + u`` above it), the number of
+    entries above it (median, max), and a histogram of the Newton (Michelot) steps that move
+    the threshold, counted by an independent loop in float32."""
+    out = {}
+    for name in ("Dense_0", "Dense_1"):
+        z = np.concatenate(
+            [
+                np.asarray(params[name]["kernel"] + updates[name]["kernel"]),
+                np.asarray(params[name]["bias"] + updates[name]["bias"])[None],
+            ]
+        )
+        a = np.abs(z).astype(np.float32)
+        theta = np.maximum(a.max(axis=0) - np.float32(t), 0)
+        above = (a > theta).sum(axis=0)
+        moves = np.zeros(a.shape[1], np.int64)
+        for _ in range(a.shape[0]):
+            excess = np.maximum(a - theta, 0).sum(axis=0, dtype=np.float32) - np.float32(t)
+            count = (a > theta).sum(axis=0).astype(np.float32)
+            step = np.where(count > 0, excess / np.maximum(count, 1), 0).astype(np.float32)
+            new = np.maximum(theta + step, theta)
+            moved = new > theta
+            if not moved.any():
+                break
+            moves += moved
+            theta = new
+        out[name] = {
+            "groups": int(a.shape[1]),
+            "more_than_one_above_max_minus_t": int((above > 1).sum()),
+            "entries_above_max_minus_t_median": float(np.median(above)),
+            "entries_above_max_minus_t_max": int(above.max()),
+            "newton_moves_histogram": np.bincount(moves).tolist(),
+        }
+    return out
+
+
+def newton_stats(args: argparse.Namespace, dataset: data_lib.Dataset) -> dict:
+    """:func:`newton_work` at the overhead benchmark's state (its random batch) and after the
+    steps ``args.newton_stats`` of linf1 training with the benchmark's strength (reg 1e-3, on
+    the training batch of that step)."""
+    model = zoo.make_model("mlp")
+    problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
+    grad = jax.jit(jax.grad(problem.loss_fn))
+    reg = 1e-3
+    t = reg * PROX_LR
+
+    def work(params, images, labels):
+        g = grad(params, data_lib.normalize(images), labels)
+        return newton_work(params, jax.tree.map(lambda x: -SGD_LR * x, g), t)
+
+    params = zoo.init_params(model, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch_size, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, args.batch_size).astype(np.int32)
+    result = {"strength": t, "overhead_state": work(params, images, labels), "training": {}}
+    tx = make_tx("linf1", reg)
+    step = train.jit_step(train.make_step(problem, tx))
+    state = train.init_state(params, tx, jax.random.key(1))
+    batches = train.epochs(
+        jax.random.key(2), dataset.train_images, dataset.train_labels, args.batch_size
+    )
+    for i in range(1, max(args.newton_stats, default=0) + 1):
+        images, labels = next(batches)
+        if i in args.newton_stats:
+            result["training"][i] = work(state.params, images, labels)
+        state, _ = step(state, images, labels)
+    return result
 
 
 def sweep(args: argparse.Namespace, dataset: data_lib.Dataset) -> tuple[list[dict], dict]:
@@ -270,6 +345,13 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--shrink-run", default=None, help='the sweep run to shrink, e.g. "l21 reg=0.03"'
     )
+    parser.add_argument(
+        "--newton-stats",
+        type=int,
+        nargs="*",
+        default=None,
+        help="only the untimed linf1 threshold diagnostics, after these training steps",
+    )
     parser.add_argument("--quick", action="store_true", help="a fast sanity run")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -280,6 +362,11 @@ def main(argv: list[str]) -> None:
     raw = out / "proximal"
     raw.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.bench_proximal " + " ".join(argv)
+    if args.newton_stats is not None:
+        stats = newton_stats(args, data_lib.load("mnist"))
+        print(json.dumps(stats))
+        benchmarking.write_json(raw / "newton_stats.json", {"command": command, **stats})
+        return
     # The untimed training first: the timed sections may wait for the shared lock.
     rows = trained = chosen = inf = None
     if not args.skip_sweep:
