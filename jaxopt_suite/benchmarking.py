@@ -79,7 +79,9 @@ def time_interleaved(
       fns: name -> (jitted function, positional args). Each is lowered and compiled once;
         the compiled executable is what gets timed (arguments are not donated).
       baseline: the name whose median is the denominator of every ``ratio``.
-      repeats: rounds; each round calls every function ``number`` times in turn.
+      repeats: rounds; each round calls every function ``number`` times in turn, starting
+        one function later than the round before (the first function of a round tends to
+        find colder caches, so no function is always first).
       number: calls per function per round; a sample is their mean.
       warmup: untimed rounds first.
 
@@ -95,8 +97,10 @@ def time_interleaved(
         compiled[name] = (exe, args)
         memory[name] = compiled_memory(exe)
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(compiled)
     for r in range(warmup + repeats):
-        for name, (exe, args) in compiled.items():
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            exe, args = compiled[name]
             start = time.perf_counter()
             for _ in range(number):
                 out = exe(*args)

@@ -1,4 +1,5 @@
 import jax
+import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,6 +26,24 @@ def test_time_interleaved_ratios_and_memory():
     assert out["small"].memory["output"] == 64 * 64 * 4
     with pytest.raises(ValueError, match="baseline"):
         benchmarking.time_interleaved({"a": (small, (x,))}, baseline="b")
+
+
+def test_time_interleaved_rotates_which_function_goes_first():
+    calls = []
+
+    def timed(name):
+        def fn(a):
+            jax.experimental.io_callback(lambda: calls.append(name), None, ordered=True)
+            return a + 1
+
+        return jax.jit(fn)
+
+    x = jnp.ones(3)
+    fns = {n: (timed(n), (x,)) for n in "abc"}
+    benchmarking.time_interleaved(fns, baseline="a", repeats=4, number=1, warmup=2)
+    rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
+    assert len(rounds) == 6 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]
 
 
 def test_compiled_memory_counts_donation():
