@@ -8,7 +8,7 @@
 3. Shrink: the dead units of a trained model are deleted (``autosize.shrink``) and the
    inference time of the shrunk model is measured against the original, side by side.
 4. ``--newton-stats N``: how much work the exact linf1 threshold needs, per hidden layer, at the
-   overhead benchmark's state and during training (after each step in ``N``): how many groups
+   overhead benchmark's state and during training (at each step in ``N``): how many groups
    have more than one entry within ``t`` of their largest (those a "max minus t" shortcut
    cannot settle), and how many Newton steps each group's threshold takes. Untimed.
 
@@ -128,9 +128,9 @@ def newton_work(params, updates, t: float) -> dict:
 
 
 def newton_stats(args: argparse.Namespace, dataset: data_lib.Dataset) -> dict:
-    """:func:`newton_work` at the overhead benchmark's state (its random batch) and after the
-    steps ``args.newton_stats`` of linf1 training with the benchmark's strength (reg 1e-3, on
-    the training batch of that step)."""
+    """:func:`newton_work` at the overhead benchmark's state (its random batch) and at each
+    step ``i`` in ``args.newton_stats`` of linf1 training with the benchmark's strength (reg
+    1e-3): the parameters after ``i - 1`` steps, the update of step ``i``'s batch."""
     model = zoo.make_model("mlp")
     problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
     grad = jax.jit(jax.grad(problem.loss_fn))
