@@ -189,6 +189,9 @@ def value_and_grad(
                 results[source] = _kfra(forward, zeros, calls, leaves, owner, prepared, columns)
                 continue
             cols = columns["ggn_exact" if source == "hessian" else source]
+            if source in ("ggn_exact", "hessian") and "columns" not in stats:
+                # statistics quadratic in the columns: any root of the same Hessian will do
+                cols = _fewer_columns(loss_obj.name, cols, outputs)
             if calls:
                 layer_deltas = (
                     {i: d[None] for i, d in deltas.items()}
@@ -226,6 +229,28 @@ def value_and_grad(
         return value, jax.tree.unflatten(treedef, grad_leaves), extras
 
     return fn
+
+
+def _fewer_columns(loss_name: str, cols: jax.Array, outputs: jax.Array) -> jax.Array:
+    r"""Cross-entropy's C - 1 square-root columns with the same :math:`S S^\top`.
+
+    The root :math:`S = \mathrm{diag}(\sqrt p) - p \sqrt p^\top` (C columns, ``cols`` (C, N, C)
+    up to the scale :math:`\sqrt c`) has :math:`S \sqrt p = 0`. The Householder reflection
+    :math:`Q = I - 2 v v^\top / v^\top v`, :math:`v = \sqrt p + e_C`, maps :math:`\sqrt p` to
+    :math:`-e_C`, so the last column of :math:`S Q` is zero and the first C - 1,
+
+    .. math:: S'_{:, k} = S_{:, k} - S_{:, C} \sqrt{p_k} / (1 + \sqrt{p_C}),
+
+    satisfy :math:`S' S'^\top = S Q Q^\top S^\top = S S^\top` (the denominator is >= 1).
+    Statistics quadratic in the columns (sums of squares, Kronecker factors) are unchanged and
+    one backpropagation in C is saved. Other losses, outputs with positions, C < 2: ``cols``.
+    """
+    classes = outputs.shape[-1]
+    if loss_name != "cross_entropy" or outputs.ndim != 2 or classes < 2:
+        return cols
+    root = jnp.sqrt(jax.nn.softmax(_wide(outputs), axis=-1))  # (N, C)
+    weight = root[:, :-1] / (1.0 + root[:, -1:])  # (N, C - 1)
+    return cols[:-1] - cols[-1][None] * weight.T[:, :, None].astype(cols.dtype)
 
 
 def _wide(x: jax.Array) -> jax.Array:
