@@ -18,8 +18,9 @@ def run_on_devices(
 ) -> str:
     """Executes ``body`` in a subprocess with ``num_devices`` CPU devices; returns its stdout.
 
-    ``fast_compile`` turns XLA's backend (LLVM) optimisations off in the subprocess: the tiny
-    test programs then compile several times faster and run no slower that matters; every
+    ``fast_compile`` turns XLA's backend (LLVM) optimisations and the CPU fusion emitters off
+    in the subprocess (as tests/conftest.py does): the tiny test programs then compile several
+    times faster and run no slower that matters; every
     comparison inside the body is between programs compiled the same way.
 
     Raises AssertionError with the subprocess output if the body fails.
@@ -27,7 +28,7 @@ def run_on_devices(
     env = dict(os.environ)
     flags = f" --xla_force_host_platform_device_count={num_devices}"
     if fast_compile:
-        flags += " --xla_backend_optimization_level=0"
+        flags += " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + flags).strip()
     env["JAX_PLATFORMS"] = "cpu"
     prelude = f"import jax\nassert jax.device_count() == {num_devices}, jax.devices()\n"
