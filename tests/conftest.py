@@ -16,3 +16,18 @@ FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusio
 for _flag in FAST_COMPILE_FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first: with ``-n 2`` the suite's wall time is the busier worker's, so the
+    8-device subprocess (the longest test), the notebooks and the tests marked ``slow`` are
+    handed out before the many short tests that then even out the two workers."""
+
+    def rank(item):
+        if item.get_closest_marker("multidevice") and item.get_closest_marker("slow"):
+            return 0
+        if item.nodeid.endswith(".ipynb") or ".ipynb::" in item.nodeid:
+            return 1
+        return 2 if item.get_closest_marker("slow") else 3
+
+    items.sort(key=rank)  # stable: the order within each rank is kept

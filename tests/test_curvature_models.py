@@ -394,6 +394,7 @@ CHECKS = {
 UNSUPPORTED: dict[tuple[str, str], str] = {(m, "kfra"): "kfra needs" for m in MODELS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_every_quantity_against_brute_force(name):
     apply_fn, params, x, y, loss = case(name)[:5]

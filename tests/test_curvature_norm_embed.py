@@ -177,6 +177,7 @@ def _raveled(quantity, value):
     return _flat(value, lead=1 if quantity in ("grad_batch",) or quantity.endswith("_batch") else 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ("linen", "nnx", "conv"))
 def test_every_quantity_against_brute_force_and_generic(name):
     apply_fn, params, x, y, loss, _ = case(name)

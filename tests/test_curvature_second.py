@@ -161,6 +161,7 @@ def run(apply, params, x, y, quantities, **kw):
 # --- the MLP: every new quantity, structured and generic -------------------------------------
 
 
+@pytest.mark.slow
 def test_mlp_every_new_quantity_both_paths():
     apply, params, x, y = setup(MLP(), (2,), 3)
     # tanh, gelu's tanh, x^3 and x * tanh(.), softplus's exp and log1p, the sigmoids, and the

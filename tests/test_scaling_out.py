@@ -216,6 +216,7 @@ def _kflr_setup() -> methods.Setup:
     return methods.Setup(kronecker.kfac_sgd(0.1, damping=1e-2, inverse_every=1), gradient=gradient)
 
 
+@pytest.mark.slow
 def test_bfloat16_parameters_keep_their_dtype():
     # Every training method (the registry and KFLR) with bfloat16 parameters, in one combined
     # jitted step (one compilation): two steps keep bfloat16, move the parameters, skip nothing.
@@ -279,6 +280,7 @@ def _agree_in_bf16(low, high):
         )
 
 
+@pytest.mark.slow
 def test_bfloat16_curvature_quantities():
     # Every quantity; exact ones agree with float32 to bfloat16 precision, MC ones (other
     # draws in another dtype) are checked for dtype and finiteness.
