@@ -8,9 +8,8 @@ A step is one jitted function ``step(state, images, labels) -> (state, loss)`` b
   ``tx.update`` are computed. :func:`backprop` (``jax.value_and_grad``, passing ``value=``) is
   the default; methods that need more (a PRNG key, curvature, a ``value_fn``) supply their own.
 
-The step never syncs with the host; a non-finite loss, direction or update (or an update that
-overflows the parameters) leaves the parameters and the optimizer state untouched and
-increments ``TrainState.skipped``.
+The step never syncs with the host; a non-finite loss or update leaves the parameters and the
+optimizer state untouched and increments ``TrainState.skipped``.
 """
 
 from __future__ import annotations
@@ -87,7 +86,7 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
     key: jax.Array
     step: jax.Array
-    skipped: jax.Array  # steps whose loss, direction or new parameters were not finite
+    skipped: jax.Array  # steps whose loss or update was not finite
 
 
 def init_state(params: PyTree, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
