@@ -242,6 +242,13 @@ def conv_kernel(
         and n * k * s * c_in * c_out * _itemsize(patches, delta) <= _CHUNK_BYTES
     ):
         return _conv_kernel_few_weights(statistic, patches, delta, config)
+    if (
+        statistic == "sum_sq"
+        and groups == 1
+        and k > 1
+        and s * c_in * k * c_out >= _PER_SAMPLE_PRODUCT
+    ):
+        return _conv_kernel_sum_sq_per_sample(patches, delta, config)
     lhs = patches.reshape(n, -1, s, groups, cg).transpose(0, 3, 1, 2, 4)
     lhs = lhs.reshape(n, groups, -1, s * cg)  # (N, G, P, D)
     # columns innermost, so that their squares are summed by a reduction over the minor axis
@@ -292,6 +299,51 @@ def _conv_kernel_few_weights(
     if statistic == "sum_sq":
         return sum_leading(squares).reshape(*config.kernel_spatial, c_in, c_out)
     return squares.reshape(n, *config.kernel_spatial, c_in, c_out)
+
+
+# A conv's multi-column ``sum_sq`` takes one 2-D product per sample in a loop
+# (:func:`_conv_kernel_sum_sq_per_sample`) when that product has at least this many entries
+# (the loop's per-iteration overhead is then negligible); smaller ones keep the chunks.
+_PER_SAMPLE_PRODUCT = 1 << 16
+
+
+def _conv_kernel_sum_sq_per_sample(
+    patches: jax.Array, delta: jax.Array, config: ConvConfig
+) -> jax.Array:
+    r""":func:`conv_kernel`'s ``sum_sq`` for K > 1 columns and one feature group, as
+    :math:`\sum_{k} \big(\sum_n (\Delta_{k,n}^\top X_n)^{\odot 2}\big)^\top`: a loop over
+    the samples takes one 2-D product :math:`[\Delta_{1,n} \cdots \Delta_{K,n}]^\top X_n`
+    (K·C_out, P) @ (P, D) per sample and adds its squares elementwise to a (K·C_out, D)
+    accumulator; the sum over the K columns (a leading axis, :func:`sum_leading`) and the
+    transposition to the kernel's layout happen once, after the loop. Each sample's
+    cotangents are sliced from the (K, N, P, C_out) stack and transposed inside the loop
+    (no transposed copy of the whole stack).
+
+    XLA:CPU fuses each 2-D product with the squaring and accumulation and runs it at roughly
+    the speed of a plain matrix product, whereas the batched product over chunks of samples
+    followed by a reduction over the columns (innermost or not) ran markedly slower: for the
+    BackPACK CNN's second convolution (64 positions, D = 500, 9 columns x 50 channels,
+    N = 64; 1.8 GFLOP) 0.70x the time of the chunked product in the same run (the (D, K·C_out)
+    layout of the accumulator 0.75x, a sum over the columns inside the loop 0.7-1.0x)."""
+    k, n = delta.shape[:2]
+    s, c_in = patches.shape[-2:]
+    c_out = delta.shape[-1]
+    d = s * c_in
+    lhs = patches.reshape(n, -1, d)  # (N, P, D)
+    delta = delta.reshape(k, n, -1, c_out)  # (K, N, P, C_out), sliced per sample in the loop
+    positions = lhs.shape[1]
+
+    def step(acc: jax.Array, xi: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        x, i = xi
+        cot = lax.dynamic_index_in_dim(delta, i, axis=1, keepdims=False)  # (K, P, C_out)
+        cot = jnp.moveaxis(cot, 1, 0).reshape(positions, k * c_out)  # one sample's transpose
+        grads = lax.dot_general(cot, x, (((0,), (0,)), ((), ())))  # (K·C_out, D)
+        return acc + grads * grads, None
+
+    zeros = jnp.zeros((k * c_out, d), jnp.result_type(patches, delta))
+    acc, _ = lax.scan(step, zeros, (lhs, jnp.arange(n)))
+    out = sum_leading(acc.reshape(k, c_out, d)).T  # (D, C_out)
+    return out.reshape(*config.kernel_spatial, c_in, c_out)
 
 
 def _itemsize(*arrays: jax.Array) -> int:
