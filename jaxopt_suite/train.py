@@ -8,8 +8,10 @@ A step is one jitted function ``step(state, images, labels) -> (state, loss)`` b
   ``tx.update`` are computed. :func:`backprop` (``jax.value_and_grad``, passing ``value=``) is
   the default; methods that need more (a PRNG key, curvature, a ``value_fn``) supply their own.
 
-The step never syncs with the host; a non-finite loss or update leaves the parameters and the
-optimizer state untouched and increments ``TrainState.skipped``.
+The step never syncs with the host. A non-finite loss or direction leaves the parameters and
+the optimizer state untouched and increments ``TrainState.skipped``; a parameter entry whose
+update would make it non-finite (a transformation's own overflow or 0/0 from a finite
+direction) keeps its value, so no NaN or inf ever reaches the parameters.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
     key: jax.Array
     step: jax.Array
-    skipped: jax.Array  # steps whose loss or update was not finite
+    skipped: jax.Array  # steps whose loss or direction was not finite
 
 
 def init_state(params: PyTree, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
@@ -102,26 +104,17 @@ def init_state(params: PyTree, tx: optax.GradientTransformation, key: jax.Array)
     )
 
 
-def _all_finite(*trees: PyTree) -> jax.Array:
-    """True when every entry of every tree is finite, as ONE float reduction per leaf.
+def _all_finite(tree: PyTree) -> jax.Array:
+    """True when every entry of ``tree`` is finite, as ONE float reduction per leaf.
 
     ``x * 0`` is 0 for every finite ``x`` and NaN for ±inf and NaN, so
-    ``isfinite(Σ_leaves Σ (a·0 + b·0 + …))`` is exact. Leaves in the same position of trees
-    with the same structure (the direction and the updates) are read in the same fused
-    reduction; a boolean ``all(isfinite(x))`` per tree read each leaf once per tree and cost
-    a quarter of a small SGD step on CPU.
+    ``isfinite(Σ_leaves Σ x·0)`` is exact (huge finite values do not overflow it); a boolean
+    ``all(isfinite(x))`` per leaf cost a quarter of a small SGD step on CPU.
     """
-    leaves = [jax.tree.leaves(t) for t in trees]
-    shapes = [[jnp.shape(x) for x in ls] for ls in leaves]
-    if any(s != shapes[0] for s in shapes[1:]):
-        leaves = [[x] for ls in leaves for x in ls]  # different layouts: one leaf at a time
-    else:
-        leaves = list(zip(*leaves, strict=True))
     total = jnp.zeros((), jnp.float32)
-    for group in leaves:
-        group = [jnp.asarray(x) for x in group if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-        if group:
-            total = total + jnp.sum(sum(x * 0 for x in group)).astype(jnp.float32)
+    for x in jax.tree.leaves(tree):
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            total = total + jnp.sum(jnp.asarray(x) * 0).astype(jnp.float32)
     return jnp.isfinite(total)
 
 
@@ -150,13 +143,20 @@ def make_step(
         batch = (preprocess(images), labels)
         value, direction, extra = gradient(problem, state.params, batch, subkey)
         updates, opt_state = tx.update(direction, state.opt_state, state.params, **extra)
-        # The direction too: a transform that zeroes a non-finite step would otherwise let
-        # the NaN into the state of the transforms before it in a chain.
-        ok = jnp.isfinite(value) & _all_finite(direction, updates)
+        # A non-finite loss or direction skips the whole step (parameters and optimizer state;
+        # the direction too, since a transform that zeroes a non-finite step would otherwise
+        # let the NaN into the state of the transforms before it in a chain). The updates are
+        # not reduced over: that made XLA keep a parameter-sized temporary for any update
+        # that is not trivially recomputed (AliG's, the grouped prox's). Instead each entry
+        # whose new value p + u is not finite (a transform's own overflow or 0/0) keeps p.
+        ok = jnp.isfinite(value) & _all_finite(direction)
         new_params = optax.apply_updates(state.params, updates)
+        new_params = jax.tree.map(
+            lambda new, old: jnp.where(ok & jnp.isfinite(new), new, old), new_params, state.params
+        )
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = TrainState(
-            params=keep(new_params, state.params),
+            params=new_params,
             opt_state=keep(opt_state, state.opt_state),
             key=key,
             step=state.step + 1,

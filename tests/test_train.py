@@ -165,35 +165,61 @@ def test_problem_rejects_a_loss_it_cannot_compute():
         problem.loss_fn(jnp.ones((2, 3)), jnp.ones((4, 2)), jnp.zeros((4,), jnp.int32))
 
 
+def _poison(tree, bad):
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(bad)
+    return jax.tree.unflatten(treedef, leaves)
+
+
 @pytest.mark.parametrize("bad", [jnp.inf, -jnp.inf, jnp.nan])
-@pytest.mark.parametrize("where", ["direction", "updates"])
-def test_one_non_finite_entry_anywhere_skips_the_step(bad, where):
-    # The guard is one float reduction of x * 0 per leaf: one bad entry in one leaf of either
-    # tree must still be caught, and huge finite values must not be mistaken for overflow.
+def test_one_non_finite_entry_in_the_direction_skips_the_step(bad):
+    # The check is one float reduction of x * 0 per leaf: one bad entry in one leaf must still
+    # be caught, and huge finite values must not be mistaken for overflow.
     problem, params = _problem()
     images, labels = _batch()
-    last = len(jax.tree.leaves(params)) - 1
-
-    def poison(tree):
-        leaves, treedef = jax.tree.flatten(tree)
-        leaves[last] = leaves[last].at[(0,) * leaves[last].ndim].set(bad)
-        return jax.tree.unflatten(treedef, leaves)
 
     def gradient(problem, params, batch, key):
         value, grads, extra = train.backprop(problem, params, batch, key)
         grads = jax.tree.map(lambda g: g * 1e30, grads)  # finite, but squares would overflow
-        return value, poison(grads) if where == "direction" else grads, extra
+        return value, _poison(grads, bad), extra
 
-    post = optax.GradientTransformation(
-        lambda p: optax.EmptyState(),
-        lambda u, s, p=None: (poison(u) if where == "updates" else u, s),
-    )
-    tx = optax.chain(optax.sgd(1e-30), post)
+    tx = optax.sgd(1e-30)
     state = train.init_state(params, tx, jax.random.key(0))
     new_state, _ = jax.jit(train.make_step(problem, tx, gradient))(state, images, labels)
     assert int(new_state.skipped) == 1
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [jnp.inf, -jnp.inf, jnp.nan])
+def test_non_finite_update_entry_keeps_its_parameter(bad):
+    # A transform that turns a finite direction into a non-finite update entry: that entry
+    # keeps its value, every other entry takes its step, the step is not counted as skipped.
+    problem, params = _problem()
+    images, labels = _batch()
+    last = len(jax.tree.leaves(params)) - 1
+    post = optax.GradientTransformation(
+        lambda p: optax.EmptyState(),
+        lambda u, s, p=None: (_poison(u, bad), s),
+    )
+    tx = optax.chain(optax.sgd(0.1), post)
+    state = train.init_state(params, tx, jax.random.key(0))
+    new_state, _ = jax.jit(train.make_step(problem, tx))(state, images, labels)
+    assert int(new_state.skipped) == 0
+    grads = jax.grad(lambda p: problem.loss_fn(p, data.normalize(images), labels))(params)
+    for i, (new, old, g) in enumerate(
+        zip(
+            jax.tree.leaves(new_state.params),
+            jax.tree.leaves(params),
+            jax.tree.leaves(grads),
+            strict=True,
+        )
+    ):
+        expected = np.array(old - 0.1 * g)
+        if i == last:
+            expected[(0,) * expected.ndim] = np.asarray(old)[(0,) * old.ndim]
+        np.testing.assert_allclose(new, expected, rtol=1e-6, atol=1e-7)
+        assert np.all(np.isfinite(new))
 
 
 def test_huge_finite_direction_is_not_skipped():
