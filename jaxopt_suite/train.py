@@ -203,7 +203,7 @@ class History(NamedTuple):
     eval_wall: np.ndarray  # (E,) wall-clock seconds of those evaluations
     test_accuracy: np.ndarray  # (E,)
     test_loss: np.ndarray  # (E,)
-    skipped: int  # steps skipped for a non-finite loss or update
+    skipped: int  # steps skipped for a non-finite loss or direction
 
 
 def epochs(key: jax.Array, images, labels, batch_size: int) -> Iterator[tuple[np.ndarray, ...]]:
