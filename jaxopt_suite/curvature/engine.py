@@ -51,7 +51,9 @@ def value_and_grad(
     model (no batch statistics). Inside the engine's reverse pass only, 2-D stride-1
     convolutions and non-overlapping max-pooling backpropagate the gradient and the columns by
     cheaper formulations with the same values (:mod:`~jaxopt_suite.curvature.fastgrad`); the
-    model's forward is unchanged.
+    model's forward is unchanged. The returned function may be differentiated in reverse mode
+    (``jax.grad`` of its outputs) but, for models with such layers, not in forward mode
+    (``jax.jvp``, ``jax.hessian``): those backward passes are ``jax.custom_vjp`` rules.
 
     Second-order quantities, per leaf: ``sqrt_ggn_exact`` / ``sqrt_ggn_mc`` are
     :math:`V` of shape (K, N, *leaf) (K = the loss Hessian's square-root columns, or M MC
