@@ -430,6 +430,35 @@ def test_bad_input_errors_name_the_argument():
 # --- the conv rule on its own: chunks of samples ------------------------------------------
 
 
+def _conv_kernel_brute(shape, kshape, cfg, k):
+    """A random input and K output cotangents of a convolution (channel-last), and the
+    per-(column, sample) kernel gradients from ``jax.vjp`` of the convolution on one sample.
+
+    Returns ``(x, delta, output shape, gradients (K, N, *kernel shape))``."""
+    x, w = rand(shape, seed=3), rand(kshape, seed=4)
+    spec = ("NWC", "WIO", "NWC") if len(shape) == 3 else ("NHWC", "HWIO", "NHWC")
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(
+            x,
+            w,
+            cfg.window_strides,
+            cfg.padding,
+            cfg.lhs_dilation,
+            cfg.rhs_dilation,
+            spec,
+            cfg.feature_group_count,
+        )
+
+    out = jax.eval_shape(conv, x, w)
+    delta = rand((k, *out.shape), seed=5)
+
+    def one(xi, di):  # one sample, one column: the kernel's gradient
+        return jax.vjp(conv, xi[None], w)[1](di[None])[1]
+
+    return x, delta, out, np.asarray(jax.jit(jax.vmap(jax.vmap(one), (None, 0)))(x, delta))
+
+
 def test_conv_rule_over_sample_chunks_matches_per_sample_vjp(monkeypatch):
     """``rules.conv_kernel`` reduces chunks of samples in a loop (here chunks of 2 of 3
     samples: a scan or map plus a zero-padded last chunk): every statistic against
@@ -442,28 +471,7 @@ def test_conv_rule_over_sample_chunks_matches_per_sample_vjp(monkeypatch):
         ((n, 7, 4), (2, 2, 6), ConvConfig((2,), (1,), ((1, 0),), (2,), (1,), 2)),
     ]
     for shape, kshape, cfg in cases:
-        x, w = rand(shape, seed=3), rand(kshape, seed=4)
-        spec = ("NWC", "WIO", "NWC") if len(shape) == 3 else ("NHWC", "HWIO", "NHWC")
-
-        def conv(x, w, cfg=cfg, spec=spec):
-            return jax.lax.conv_general_dilated(
-                x,
-                w,
-                cfg.window_strides,
-                cfg.padding,
-                cfg.lhs_dilation,
-                cfg.rhs_dilation,
-                spec,
-                cfg.feature_group_count,
-            )
-
-        out = jax.eval_shape(conv, x, w)
-        delta = rand((k, *out.shape), seed=5)
-
-        def one(xi, di, w=w, conv=conv):  # one sample, one column: the kernel's gradient
-            return jax.vjp(conv, xi[None], w)[1](di[None])[1]
-
-        brute = np.asarray(jax.jit(jax.vmap(jax.vmap(one), (None, 0)))(x, delta))  # (K, N, *k)
+        x, delta, out, brute = _conv_kernel_brute(shape, kshape, cfg, k)
         want = {
             "individual": brute[0],
             "individual_sq_norm": (brute[0] ** 2).reshape(n, -1).sum(1),
@@ -480,3 +488,42 @@ def test_conv_rule_over_sample_chunks_matches_per_sample_vjp(monkeypatch):
 
         for statistic, got in stats(x, delta).items():
             np.testing.assert_allclose(got, want[statistic], **TOL, err_msg=statistic)
+
+
+def test_conv_rule_per_sample_sum_sq_matches_per_sample_vjp(monkeypatch):
+    """A conv's multi-column ``sum_sq`` as one 2-D product per sample in a loop
+    (``rules._conv_kernel_sum_sq_per_sample``, taken by the engine for products of at least
+    ``rules._PER_SAMPLE_PRODUCT`` entries, lowered here so tiny shapes take it) against
+    per-(column, sample) kernel gradients; a grouped convolution keeps the other path."""
+    from jaxopt_suite.curvature import rules
+    from jaxopt_suite.curvature.layers import ConvConfig, LayerCall
+
+    monkeypatch.setattr(rules, "_PER_SAMPLE_PRODUCT", 0)
+    taken = []
+    per_sample = rules._conv_kernel_sum_sq_per_sample
+    monkeypatch.setattr(
+        rules,
+        "_conv_kernel_sum_sq_per_sample",
+        lambda *a: taken.append(True) or per_sample(*a),
+    )
+    cases = [  # (input shape, kernel shape, ConvConfig, taken by the per-sample path)
+        (
+            (3, 6, 5, 3),
+            (3, 2, 3, 4),
+            ConvConfig((3, 2), (1, 1), ((0, 0), (0, 0)), (1, 1), (1, 1), 1),
+            True,
+        ),
+        ((2, 9, 2), (3, 2, 5), ConvConfig((3,), (2,), ((1, 2),), (1,), (2,), 1), True),
+        ((3, 7, 4), (2, 2, 6), ConvConfig((2,), (1,), ((1, 0),), (2,), (1,), 2), False),
+    ]
+    for shape, kshape, cfg, expect_taken in cases:
+        taken.clear()
+        x, delta, out, brute = _conv_kernel_brute(shape, kshape, cfg, k=3)
+        call = LayerCall("conv", 0, None, out, cfg)
+
+        @jax.jit
+        def sum_sq(x, delta, call=call, cfg=cfg):
+            return rules.conv_kernel("sum_sq", rules.prepare(call, x), delta, cfg)
+
+        np.testing.assert_allclose(sum_sq(x, delta), (brute**2).sum((0, 1)), **TOL)
+        assert bool(taken) == expect_taken
