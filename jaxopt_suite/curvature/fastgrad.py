@@ -306,16 +306,6 @@ def _reduce_window(
     base_dilation=None,
     window_dilation=None,
 ):
-    window = _pool_windows(
-        operand,
-        init_value,
-        computation,
-        window_dimensions,
-        window_strides,
-        padding,
-        base_dilation,
-        window_dilation,
-    )
     args = (
         init_value,
         computation,
@@ -325,6 +315,7 @@ def _reduce_window(
         base_dilation,
         window_dilation,
     )
+    window = _pool_windows(operand, *args)
     if window is None:
         return _ORIGINAL_REDUCE_WINDOW(operand, *args)
     return fast_max_pool(_ORIGINAL_REDUCE_WINDOW, window, operand, *args)
