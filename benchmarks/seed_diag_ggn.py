@@ -6,7 +6,9 @@ The seed (``../shared/seeds/001_*``): the BackPACK CNN, batch 64, step 0.01, dam
 86-95 %. This script runs that loop for ``--seeds`` seeds with ``jaxopt_suite`` and (with the
 ``compare`` extra installed) with BackPACK's ``DiagGGNMC`` and PyTorch's default
 initialisation, and reports the mean mini-batch accuracy of the last 10 iterations per seed.
-Accuracy only: nothing here is timed.
+Accuracy only: nothing here is timed. ``--plain-sgd`` adds each loop with G = 0 (SGD with
+step 0.01): since G >= 0 and the damping is 1, the preconditioned step is never longer than
+that one, entry by entry.
 
 Run: ``.venv/bin/python -m benchmarks.seed_diag_ggn`` (about 2 minutes on 2 CPU cores).
 Writes ``benchmarks/results/seed_diag_ggn.json`` and ``benchmarks/results/seed_diag_ggn.md``.
@@ -25,19 +27,26 @@ from benchmarks import torch_models
 
 RESULTS = Path(__file__).parent / "results"
 ITERATIONS = 100
+READING = "## Reading"
 
 
-def run_jax(seeds: int) -> list[list[float]]:
+def run_jax(seeds: int, plain: bool = False) -> list[list[float]]:
+    """JAX runs; ``plain``: the same loop with G = 0, i.e. SGD with step 0.01 (the largest
+    step the preconditioned update can take, since G >= 0 and the damping is 1)."""
     import jax
     import jax.numpy as jnp
+    import optax
 
     from jaxopt_suite import data, precondition, train, zoo
 
     mnist = data.load_mnist()
     cnn = zoo.make_model("backpack-cnn")
     problem = train.Problem(lambda p, x: cnn.apply({"params": p}, x))
-    tx = precondition.diag_ggn_sgd(0.01, damping=1.0)
-    gradient = precondition.curvature_gradient("diag_ggn_mc")
+    if plain:
+        tx, gradient = optax.sgd(0.01), train.backprop
+    else:
+        tx = precondition.diag_ggn_sgd(0.01, damping=1.0)
+        gradient = precondition.curvature_gradient("diag_ggn_mc")
     step = train.jit_step(train.make_step(problem, tx, gradient))
     accuracy = jax.jit(
         lambda p, images, labels: jnp.mean(
@@ -58,11 +67,13 @@ def run_jax(seeds: int) -> list[list[float]]:
             state, _ = step(state, images, labels)
         accs = [float(a) for a in jax.device_get(accs)]
         runs.append(accs)
-        print(f"jax seed {seed}: last-10 mean {np.mean(accs[-10:]):.3f}", flush=True)
+        name = "jax sgd" if plain else "jax"
+        print(f"{name} seed {seed}: last-10 mean {np.mean(accs[-10:]):.3f}", flush=True)
     return runs
 
 
-def run_backpack(seeds: int) -> list[list[float]]:
+def run_backpack(seeds: int, plain: bool = False) -> list[list[float]]:
+    """BackPACK's own loop; ``plain``: G replaced by 0 (SGD with step 0.01, the bound)."""
     import torch
     from backpack import backpack, extend
     from backpack.extensions import DiagGGNMC
@@ -91,10 +102,12 @@ def run_backpack(seeds: int) -> list[list[float]]:
                 loss_function(output, labels[idx]).backward()
             with torch.no_grad():
                 for p in model.parameters():
-                    p.add_(p.grad / (p.diag_ggn_mc + 1.0), alpha=-0.01)
+                    curvature = 0.0 if plain else p.diag_ggn_mc
+                    p.add_(p.grad / (curvature + 1.0), alpha=-0.01)
                     p.grad = None
         runs.append(accs)
-        print(f"backpack seed {seed}: last-10 mean {np.mean(accs[-10:]):.3f}", flush=True)
+        name = "backpack sgd" if plain else "backpack"
+        print(f"{name} seed {seed}: last-10 mean {np.mean(accs[-10:]):.3f}", flush=True)
     return runs
 
 
@@ -112,13 +125,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--jax-only", action="store_true")
+    parser.add_argument(
+        "--plain-sgd",
+        action="store_true",
+        help="also run each loop with G = 0 (SGD, step 0.01): the bound on what damping 1 allows",
+    )
     args = parser.parse_args()
     from jaxopt_suite import benchmarking
 
     result = {"jax": summary(run_jax(args.seeds))}
+    if args.plain_sgd:
+        result["jax, G = 0 (SGD)"] = summary(run_jax(args.seeds, plain=True))
     if not args.jax_only:
         try:
             result["backpack"] = summary(run_backpack(args.seeds))
+            if args.plain_sgd:
+                result["backpack, G = 0 (SGD)"] = summary(run_backpack(args.seeds, plain=True))
         except ImportError as err:  # the compare extra is not installed
             print(f"BackPACK skipped: {err}")
     result["date"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")
@@ -131,8 +153,8 @@ def main() -> None:
         f"{ITERATIONS} iterations; mean mini-batch accuracy of the last 10 iterations (measured",
         "before each step, as in the seed), per seed. Same bundled MNIST for both; each framework",
         "uses its own default initialisation (Flax: LeCun normal, zero bias; PyTorch: uniform",
-        "±1/√fan_in). Command: `.venv/bin/python -m benchmarks.seed_diag_ggn`"
-        f" ({result['date']} UTC).",
+        "±1/√fan_in). Command: `.venv/bin/python -m benchmarks.seed_diag_ggn"
+        f"{' --plain-sgd' if args.plain_sgd else ''}` ({result['date']} UTC).",
         "",
         "| implementation | mean over seeds | min | max | per seed |",
         "|---|---|---|---|---|",
@@ -145,7 +167,11 @@ def main() -> None:
             f"| {name} | {r['mean'] * 100:.1f} % | {r['min'] * 100:.1f} % |"
             f" {r['max'] * 100:.1f} % | {per} |"
         )
-    (RESULTS / "seed_diag_ggn.md").write_text("\n".join(lines) + "\n")
+    out = RESULTS / "seed_diag_ggn.md"
+    # a hand-written reading below the table survives re-runs
+    kept = out.read_text().partition(READING)[2] if out.exists() else ""
+    text = "\n".join(lines) + "\n" + (f"\n{READING}{kept}" if kept else "")
+    out.write_text(text)
     print("\n".join(lines))
 
 
