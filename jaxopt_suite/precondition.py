@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxopt_suite import curvature as curvature_lib
@@ -42,13 +43,14 @@ def scale_by_diagonal_curvature(
     accumulated, so nothing is widened; the engine already sums the diagonal in float32).
 
     Args:
-      damping: :math:`\lambda > 0`, added to the curvature (may be a traced array, e.g. under
-        ``optax.inject_hyperparams``).
+      damping: :math:`\lambda > 0`, added to the curvature: a number or an array (checked when
+        concrete), or a traced array, e.g. under ``optax.inject_hyperparams`` (not checked).
 
     Returns:
       An optax transformation whose ``update(updates, state, params=None, *, curvature)``
       requires ``curvature``, a pytree with the structure and shapes of ``updates`` (other extra
-      keyword arguments are ignored).
+      keyword arguments are ignored). A non-finite curvature entry gives a non-finite update
+      entry, which :func:`jaxopt_suite.train.make_step` keeps out of the parameters.
 
     Example:
       >>> import jax.numpy as jnp
@@ -58,7 +60,7 @@ def scale_by_diagonal_curvature(
       >>> u["w"]
       Array([1., 1.], dtype=float32)
     """
-    if isinstance(damping, int | float) and not damping > 0:
+    if not isinstance(damping, jax.core.Tracer) and not np.all(np.asarray(damping) > 0):
         raise ValueError(f"damping must be positive (it keeps the division finite); got {damping}")
 
     def init_fn(params: PyTree) -> ScaleByDiagonalCurvatureState:
@@ -77,6 +79,17 @@ def scale_by_diagonal_curvature(
                 "curvature must have the structure of the updates; got "
                 f"{jax.tree.structure(curvature)} for updates {jax.tree.structure(updates)}"
             )
+        pairs = zip(
+            jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(curvature), strict=True
+        )
+        for (path, u), d in pairs:
+            if jnp.shape(d) != jnp.shape(u):
+                raise ValueError(
+                    f"curvature must have the shapes of the updates; at "
+                    f"{jax.tree_util.keystr(path)} got {jnp.shape(d)} for an update of shape "
+                    f"{jnp.shape(u)} (a per-sample quantity such as diag_ggn_exact_batch? pass "
+                    "one shaped like the parameters)"
+                )
         scaled = jax.tree.map(
             lambda u, d: (u / (d + jnp.asarray(damping, d.dtype))).astype(u.dtype),
             updates,

@@ -47,10 +47,30 @@ def test_errors():
         tx.update(g, tx.init(g))
     with pytest.raises(ValueError, match="structure"):
         tx.update(g, tx.init(g), curvature=jnp.ones(2))
-    with pytest.raises(ValueError, match="damping"):
-        precondition.scale_by_diagonal_curvature(damping=0.0)
+    with pytest.raises(ValueError, match=r"shapes of the updates; at \['w'\] got \(4, 2\)"):
+        tx.update(g, tx.init(g), curvature={"w": jnp.ones((4, 2))})  # a per-sample quantity
+    for bad in (0.0, -1, np.float32(-1.0), jnp.array(-1.0), jnp.array([1.0, -1.0])):
+        with pytest.raises(ValueError, match="damping must be positive"):
+            precondition.scale_by_diagonal_curvature(damping=bad)
     with pytest.raises(ValueError, match="quantity"):
         precondition.curvature_gradient("grad_batch")
+
+
+def test_jit_keeps_dtype_and_does_not_retrace():
+    traces = []
+    tx = precondition.diag_ggn_sgd(0.1, damping=1.0)
+
+    @jax.jit
+    def update(g, d):
+        traces.append(1)
+        return tx.update(g, tx.init(g), g, curvature=d)[0]
+
+    for scale in (1.0, 2.0):
+        g = {"w": jnp.full((3,), scale, jnp.bfloat16)}
+        u = update(g, {"w": jnp.full((3,), 3.0, jnp.bfloat16)})
+        assert u["w"].dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(u["w"], np.float32), -0.1 * scale / 4.0, rtol=1e-2)
+    assert len(traces) == 1
 
 
 def test_training_step_uses_the_mc_diagonal_and_learns():
