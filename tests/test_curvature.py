@@ -527,3 +527,33 @@ def test_conv_rule_per_sample_sum_sq_matches_per_sample_vjp(monkeypatch):
 
         np.testing.assert_allclose(sum_sq(x, delta), (brute**2).sum((0, 1)), **TOL)
         assert bool(taken) == expect_taken
+
+
+def test_conv_kernel_gradient_matches_summed_per_sample_vjp():
+    """The engine's conv kernel gradient from its patches (``rules.conv_kernel_gradient``, one
+    2-D product over samples and positions) against the per-sample kernel gradients of
+    ``jax.vjp`` of the convolution, summed; feature groups are refused."""
+    from jaxopt_suite.curvature import rules
+    from jaxopt_suite.curvature.layers import ConvConfig, LayerCall
+
+    cases = [  # (input shape, kernel shape, ConvConfig)
+        (
+            (3, 6, 5, 3),
+            (3, 2, 3, 4),
+            ConvConfig((3, 2), (1, 1), ((0, 0), (0, 0)), (1, 1), (1, 1), 1),
+        ),
+        ((2, 9, 2), (3, 2, 5), ConvConfig((3,), (2,), ((1, 2),), (1,), (2,), 1)),
+        ((2, 5, 3), (2, 3, 2), ConvConfig((2,), (1,), ((2, 1),), (2,), (1,), 1)),
+    ]
+    for shape, kshape, cfg in cases:
+        x, delta, out, brute = _conv_kernel_brute(shape, kshape, cfg, k=1)
+        call = LayerCall("conv", 0, None, out, cfg)
+
+        @jax.jit
+        def grad(x, delta, call=call, cfg=cfg):
+            return rules.conv_kernel_gradient(rules.prepare(call, x), delta, cfg)
+
+        np.testing.assert_allclose(grad(x, delta[0]), brute[0].sum(0), **TOL)
+    grouped = ConvConfig((2,), (1,), ((0, 0),), (1,), (1,), 2)
+    with pytest.raises(ValueError, match="feature groups"):
+        rules.conv_kernel_gradient(jnp.zeros((1, 2, 2, 2)), jnp.zeros((1, 2, 4)), grouped)

@@ -172,3 +172,55 @@ def test_nnx_engine_with_fast_backward_matches_the_generic_path():
     # the user's model outside the engine's trace is untouched
     assert lax.reduce_window is fastgrad._ORIGINAL_REDUCE_WINDOW
     assert "select_and_scatter" in plain.as_text()
+
+
+@pytest.mark.parametrize("groups", [1, 3, 16])
+def test_columns_in_groups_equal_one_vjp_call_per_column(monkeypatch, groups):
+    """``rules.backpropagate_columns`` (groups of columns, one ``jax.vmap`` of the VJP per
+    group, concatenated) through the fast conv / max-pool backward passes, against one call of
+    the VJP per column; 1, 2, 5 and 7 columns in 2, 3 or one group per column."""
+    from jaxopt_suite.curvature import engine, rules
+
+    monkeypatch.setattr(rules, "_COLUMN_GROUPS", groups)
+    model = _NnxCNN(nnx.Rngs(2))
+    graphdef, params = nnx.split(model)
+    apply = lambda p, x: nnx.merge(graphdef, p)(x)
+    x = jax.random.normal(jax.random.key(3), (3, 6, 6, 2))
+    leaves, treedef = jax.tree.flatten(params)
+    calls = engine._discover(apply, leaves, treedef, x, 3)
+    assert {c.kind for c in calls.values()} == {"conv", "dense"}
+    zeros = {i: jnp.zeros(c.output.shape, c.output.dtype) for i, c in calls.items()}
+
+    def forward(leaves, perturbations):
+        recorder = layers.Recorder(perturbations=perturbations, fast=True)
+        with layers.recording(recorder):
+            return apply(jax.tree.unflatten(treedef, leaves), x)
+
+    out, vjp_fn = jax.vjp(forward, leaves, zeros)
+    for k in (1, 2, 5, 7):
+        cols = jax.random.normal(jax.random.key(k), (k, *out.shape))
+        got = jax.jit(lambda c: rules.backpropagate_columns(vjp_fn, c))(cols)
+        want = jax.jit(lambda c: [vjp_fn(column)[1] for column in c])(cols)
+        for i in zeros:
+            np.testing.assert_allclose(got[i], np.stack([w[i] for w in want]), **TOL)
+
+
+def test_columns_stay_separate_where_vmap_batches_poorly():
+    """Max-pooling outside the mask backward (overlapping windows) keeps XLA's
+    ``select_and_scatter_add`` transpose, which ``vmap`` batches poorly on CPU: the columns
+    then take one VJP call each (one transpose per column in the jaxpr), with the same
+    values; non-overlapping pooling under the fast backward groups them."""
+    from jaxopt_suite.curvature import rules
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 1))
+    cols = jax.random.normal(jax.random.key(1), (3, 2, 4, 4, 1))
+    _, vjp = jax.vjp(lambda x: nn.max_pool(x, (2, 2), strides=(1, 1)), x)
+    vjp_fn = lambda ct: (None, {0: vjp(ct)[0]})
+    assert rules._batches_poorly(vjp_fn, cols[0])
+    grouped = lambda c: rules.backpropagate_columns(vjp_fn, c, groups=2)
+    assert str(jax.make_jaxpr(grouped)(cols)).count("select_and_scatter_add") == 3
+    want = np.stack([vjp(c)[0] for c in cols])
+    np.testing.assert_allclose(jax.jit(grouped)(cols)[0], want, **TOL)
+    with fastgrad.patched_pooling():
+        _, fast = jax.vjp(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)), x)
+    assert not rules._batches_poorly(lambda ct: (None, fast(ct)), cols[0, :, :2, :2])

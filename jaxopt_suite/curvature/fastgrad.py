@@ -23,7 +23,8 @@ bit for bit, and whose backward computes the same cotangents another way:
      W_{a, u - q, c, o} \quad (0 \le u - q < k_w),
 
   cropped to the unpadded input. Other convolutions keep ``jax.vjp`` of the convolution; the
-  kernel cotangent always does.
+  kernel cotangent always does (the engine replaces the gradient's by a product of its
+  patches, :func:`jaxopt_suite.curvature.rules.conv_kernel_gradient`, and XLA drops this one).
 
 Forward-mode differentiation of these wrappers is not defined (``custom_vjp``), so the engine
 uses them only in its reverse-mode pass, never in the Hessian-residual or KFRA traces.

@@ -21,6 +21,7 @@ A Dense layer without extra axes never forms :math:`\hat g`: e.g. ``sum_sq`` is
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 
 import jax
@@ -347,6 +348,30 @@ def _conv_kernel_sum_sq_per_sample(
     return out.reshape(*config.kernel_spatial, c_in, c_out)
 
 
+def conv_kernel_gradient(patches: jax.Array, delta: jax.Array, config: ConvConfig) -> jax.Array:
+    r"""The summed kernel gradient of a convolution with one feature group,
+    :math:`\nabla W = \sum_n X_n^\top \delta_n`, as one 2-D product over all samples and
+    positions, (N·P, D)ᵀ @ (N·P, C_out) with D = prod(kernel)·C_in.
+
+    Args:
+      patches: (N, P, S, C_in) from :func:`prepare`.
+      delta: (N, *out_spatial, C_out), the output cotangent (one column, no K axis).
+      config: the layer's :class:`~jaxopt_suite.curvature.layers.ConvConfig`
+        (``feature_group_count`` must be 1).
+
+    Returns:
+      The gradient in the kernel's layout (*kernel_spatial, C_in, C_out).
+    """
+    if config.feature_group_count != 1:
+        raise ValueError("conv_kernel_gradient: feature groups are not supported")
+    s, c_in = patches.shape[-2:]
+    c_out = delta.shape[-1]
+    lhs = patches.reshape(-1, s * c_in)
+    rhs = delta.reshape(-1, c_out)
+    grad = lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())))  # (D, C_out)
+    return grad.reshape(*config.kernel_spatial, c_in, c_out)
+
+
 def _itemsize(*arrays: jax.Array) -> int:
     """Bytes per element of the product of ``arrays`` (their promoted dtype)."""
     return jnp.dtype(jnp.result_type(*arrays)).itemsize
@@ -364,15 +389,66 @@ def layer_statistic(
     return conv_kernel(statistic, prepared, delta, call.conv)
 
 
-# Up to this many columns are backpropagated by separate VJP calls that XLA schedules together;
-# beyond it a sequential lax.map. Not jax.vmap: its batching of max-pooling's transpose
-# (select_and_scatter_add) runs 10-20x slower on CPU than separate calls.
+# Up to this many columns are backpropagated in groups (below); beyond it a sequential lax.map.
 _UNROLL_COLUMNS = 16
 
+# Groups of columns backpropagated side by side; None: one per CPU core the process may use.
+_COLUMN_GROUPS: int | None = None
 
-def backpropagate_columns(vjp_fn: Callable, columns: jax.Array) -> dict[int, jax.Array]:
-    """Layer-output cotangents (K, ...) of the K output cotangent ``columns``."""
-    if columns.shape[0] <= _UNROLL_COLUMNS:
-        outs = [vjp_fn(column)[1] for column in columns]
-        return jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    return jax.lax.map(lambda column: vjp_fn(column)[1], columns)
+
+def _column_groups() -> int:
+    if _COLUMN_GROUPS is not None:
+        return _COLUMN_GROUPS
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on every platform
+        return max(1, os.cpu_count() or 1)
+
+
+# Primitives whose jax.vmap batching runs far slower on CPU than separate calls.
+_SLOW_BATCHED = ("select_and_scatter_add",)
+
+
+def _batches_poorly(vjp_fn: Callable, column: jax.Array) -> bool:
+    """Whether the jaxpr of ``vjp_fn`` (nested jaxprs included) holds a
+    :data:`_SLOW_BATCHED` primitive."""
+    text = str(jax.make_jaxpr(vjp_fn)(column))
+    return any(name in text for name in _SLOW_BATCHED)
+
+
+def backpropagate_columns(
+    vjp_fn: Callable, columns: jax.Array, groups: int | None = None
+) -> dict[int, jax.Array]:
+    """Layer-output cotangents (K, ...) of the K output cotangent ``columns``.
+
+    The columns are split into ``groups`` groups of consecutive columns (None: as many as
+    the machine has cores, at least two when K > 1; K: one call of ``vjp_fn`` per column, the
+    results stacked); each group of several columns is backpropagated by one ``jax.vmap``
+    of ``vjp_fn``, and the groups' cotangents are concatenated along K. XLA runs the groups
+    side by side, and inside a group the columns share the products (e.g. one matrix product
+    of a Dense layer for 5 columns instead of 5), which on 2 cores ran faster than both one
+    ``vjp_fn`` call per column and one ``vmap`` over all of them (BackPACK CNN, 9 columns:
+    0.87-0.93x the time of the separate calls for the whole ``diag_ggn_exact``, while one
+    ``vmap`` took ~1.2x; ``benchmarks/results/curvature.md``, session 5). Beyond
+    ``_UNROLL_COLUMNS`` columns, a sequential ``lax.map`` bounds the memory. A VJP holding
+    an operation that ``vmap`` batches poorly (:data:`_SLOW_BATCHED`: max-pooling's plain
+    transpose, left where the fast mask backward does not apply, e.g. overlapping windows;
+    ~2x the time of the whole ``diag_ggn_exact`` of such a CNN in groups) takes one call per
+    column."""
+    k = columns.shape[0]
+    if k > _UNROLL_COLUMNS:
+        return jax.lax.map(lambda column: vjp_fn(column)[1], columns)
+    groups = min(k, max(2, _column_groups()) if groups is None else max(1, groups))
+    if groups < k and _batches_poorly(vjp_fn, columns[0]):
+        groups = k
+    size = -(-k // groups)
+    parts = []
+    for start in range(0, k, size):
+        group = columns[start : start + size]
+        if group.shape[0] == 1:
+            parts.append(jax.tree.map(lambda a: a[None], vjp_fn(group[0])[1]))
+        else:
+            parts.append(jax.vmap(lambda column: vjp_fn(column)[1])(group))
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
