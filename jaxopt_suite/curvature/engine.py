@@ -52,10 +52,9 @@ def value_and_grad(
     bias is also read outside it (weight tying), whose leading axis is not the batch axis, or
     that runs inside a transformation within the model (``vmap``, ``jvp``, an inner ``jit``).
     Samples must not interact inside the model (no batch statistics). Inside the engine's
-    reverse pass only, 2-D stride-1
-    convolutions and non-overlapping max-pooling backpropagate the gradient and the columns by
-    cheaper formulations with the same values (:mod:`~jaxopt_suite.curvature.fastgrad`); the
-    model's forward is unchanged. The returned function may be differentiated in reverse mode
+    reverse pass only, 2-D stride-1 convolutions and non-overlapping max-pooling backpropagate
+    the gradient and the columns by cheaper formulations with the same values
+    (:mod:`~jaxopt_suite.curvature.fastgrad`); the model's forward is unchanged. The returned function may be differentiated in reverse mode
     (``jax.grad`` of its outputs) but, for models with such layers, not in forward mode
     (``jax.jvp``, ``jax.hessian``): those backward passes are ``jax.custom_vjp`` rules (a model
     that itself uses forward mode inside ``apply_fn`` is traced without them).
