@@ -54,10 +54,11 @@ def value_and_grad(
     Samples must not interact inside the model (no batch statistics). Inside the engine's
     reverse pass only, 2-D stride-1 convolutions and non-overlapping max-pooling backpropagate
     the gradient and the columns by cheaper formulations with the same values
-    (:mod:`~jaxopt_suite.curvature.fastgrad`); the model's forward is unchanged. The returned function may be differentiated in reverse mode
-    (``jax.grad`` of its outputs) but, for models with such layers, not in forward mode
-    (``jax.jvp``, ``jax.hessian``): those backward passes are ``jax.custom_vjp`` rules (a model
-    that itself uses forward mode inside ``apply_fn`` is traced without them).
+    (:mod:`~jaxopt_suite.curvature.fastgrad`); the model's forward is unchanged. The returned
+    function may be differentiated in reverse mode (``jax.grad`` of its outputs) but, for
+    models with such layers, not in forward mode (``jax.jvp``, ``jax.hessian``): those backward
+    passes are ``jax.custom_vjp`` rules (a model that itself uses forward mode inside
+    ``apply_fn`` is traced without them).
 
     Second-order quantities, per leaf: ``sqrt_ggn_exact`` / ``sqrt_ggn_mc`` are
     :math:`V` of shape (K, N, *leaf) (K = the loss Hessian's square-root columns, or M MC
@@ -79,10 +80,12 @@ def value_and_grad(
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs`` (N, ...), pure: e.g.
         ``lambda p, x: model.apply({"params": p}, x)`` or an ``nnx.merge`` of a graphdef.
-      loss: ``"cross_entropy"`` (integer labels, outputs (N, C) or (N, ..., C): every position
-        is a term), ``"mse"`` (mean over all N·D entries), ``"bce_with_logits"``, or a callable
-        ``loss(output, target) -> scalar`` for ONE sample (its output-Hessian square root comes
-        from an eigendecomposition; negative eigenvalues are clipped to 0).
+      loss: ``"cross_entropy"`` (integer labels in [0, C), outputs (N, C) or (N, ..., C): every
+        position is a term; labels are checked for shape and dtype only: one >= C gives a NaN
+        loss, and PyTorch's ``ignore_index`` is not supported), ``"mse"`` (mean over all N·D
+        entries), ``"bce_with_logits"``, or a callable ``loss(output, target) -> scalar`` for
+        ONE sample (its output-Hessian square root comes from an eigendecomposition; negative
+        eigenvalues are clipped to 0).
       reduction: ``"mean"`` or ``"sum"``.
       quantities: names among :data:`~jaxopt_suite.curvature.QUANTITIES` (static).
         ``kfra`` needs Dense layers in a chain on (N, features) inputs (ValueError otherwise).
