@@ -1,4 +1,4 @@
-r"""The structured path: finding Dense and Conv layers, and their per-sample derivatives.
+r"""The structured path: finding Dense, Conv, LayerNorm and Embed layers while a model is traced.
 
 **Finding layers.** While ``apply_fn`` is traced inside :func:`recording`, every call of a flax
 linen ``nn.Dense`` / ``nn.Conv`` (through ``flax.linen.intercept_methods``) and of an nnx
