@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Var
 
 from jaxopt_suite.curvature import columns as columns_lib
 from jaxopt_suite.curvature import generic, hessian, kron, layers, losses, rules, rules_norm
@@ -47,18 +48,21 @@ def value_and_grad(
     ``apply_fn`` is traced and use their structure (:mod:`jaxopt_suite.curvature.layers`,
     :mod:`~jaxopt_suite.curvature.rules`, :mod:`~jaxopt_suite.curvature.rules_norm`); every
     other parameter takes the generic per-sample path (:mod:`jaxopt_suite.curvature.generic`)
-    with the same results (:func:`coverage` tells which). Samples must not interact inside the
-    model (no batch statistics). Inside the engine's reverse pass only, 2-D stride-1
-    convolutions and non-overlapping max-pooling backpropagate the gradient and the columns by
-    cheaper formulations with the same values (:mod:`~jaxopt_suite.curvature.fastgrad`); the
-    model's forward is unchanged. The gradient of a Conv kernel (float32, one feature group)
-    is one matrix product of the patches the rules unfold anyway,
-    :math:`\sum_n X_n^\top \delta_n`, equal to ``jax.grad``'s up to float32 rounding. For
-    ``diag_ggn_exact`` / ``diag_ggn_mc`` the loss-Hessian columns are backpropagated in groups,
-    one ``jax.vmap`` of the VJP per group (``rules.backpropagate_columns``). The returned
-    function may be differentiated in reverse mode
-    (``jax.grad`` of its outputs) but, for models with such layers, not in forward mode
-    (``jax.jvp``, ``jax.hessian``): those backward passes are ``jax.custom_vjp`` rules.
+    with the same results (:func:`coverage` tells which), and so does a layer whose kernel or
+    bias is also read outside it (weight tying), whose leading axis is not the batch axis, or
+    that runs inside a transformation within the model (``vmap``, ``jvp``, an inner ``jit``).
+    Samples must not interact inside the model (no batch statistics). Inside the engine's
+    reverse pass only, 2-D stride-1 convolutions and non-overlapping max-pooling backpropagate
+    the gradient and the columns by cheaper formulations with the same values
+    (:mod:`~jaxopt_suite.curvature.fastgrad`); the model's forward is unchanged. The gradient
+    of a Conv kernel (float32, one feature group) is one matrix product of the patches the
+    rules unfold anyway, :math:`\sum_n X_n^\top \delta_n`, equal to ``jax.grad``'s up to
+    float32 rounding. For ``diag_ggn_exact`` / ``diag_ggn_mc`` the loss-Hessian columns are
+    backpropagated in groups, one ``jax.vmap`` of the VJP per group
+    (``rules.backpropagate_columns``). The returned function may be differentiated in reverse
+    mode (``jax.grad`` of its outputs) but, for models with such layers, not in forward mode
+    (``jax.jvp``, ``jax.hessian``): those backward passes are ``jax.custom_vjp`` rules (a model
+    that itself uses forward mode inside ``apply_fn`` is traced without them).
 
     Second-order quantities, per leaf: ``sqrt_ggn_exact`` / ``sqrt_ggn_mc`` are
     :math:`V` of shape (K, N, *leaf) (K = the loss Hessian's square-root columns, or M MC
@@ -80,10 +84,12 @@ def value_and_grad(
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs`` (N, ...), pure: e.g.
         ``lambda p, x: model.apply({"params": p}, x)`` or an ``nnx.merge`` of a graphdef.
-      loss: ``"cross_entropy"`` (integer labels, outputs (N, C) or (N, ..., C): every position
-        is a term), ``"mse"`` (mean over all N·D entries), ``"bce_with_logits"``, or a callable
-        ``loss(output, target) -> scalar`` for ONE sample (its output-Hessian square root comes
-        from an eigendecomposition; negative eigenvalues are clipped to 0).
+      loss: ``"cross_entropy"`` (integer labels in [0, C), outputs (N, C) or (N, ..., C): every
+        position is a term; labels are checked for shape and dtype only: one >= C gives a NaN
+        loss, and PyTorch's ``ignore_index`` is not supported), ``"mse"`` (mean over all N·D
+        entries), ``"bce_with_logits"``, or a callable ``loss(output, target) -> scalar`` for
+        ONE sample (its output-Hessian square root comes from an eigendecomposition; negative
+        eigenvalues are clipped to 0).
       reduction: ``"mean"`` or ``"sum"``.
       quantities: names among :data:`~jaxopt_suite.curvature.QUANTITIES` (static).
         ``kfra`` needs Dense layers in a chain on (N, features) inputs (ValueError otherwise).
@@ -150,9 +156,7 @@ def value_and_grad(
         if residual is not None and residual.sites:
             outputs, vjp_fn, layer_inputs = residual.vjp
         else:
-            # reverse mode only: the faster conv / max-pool backward passes (fastgrad)
-            fast_forward = functools.partial(forward, fast=True)
-            outputs, vjp_fn, layer_inputs = jax.vjp(fast_forward, leaves, zeros, has_aux=True)
+            outputs, vjp_fn, layer_inputs = _vjp(forward, leaves, zeros, fast=structured)
         loss_obj.check(outputs, targets)
         c = losses.scale(reduction, loss_obj, outputs.shape)
 
@@ -278,6 +282,19 @@ def _column_groups(stats: Sequence[str], cols: jax.Array) -> int | None:
     ~100 MB outputs) 1.02-1.07x, so the per-sample and Kronecker statistics keep one call per
     column."""
     return None if set(stats) <= {"sum_sq"} else cols.shape[0]
+
+
+def _vjp(forward: Callable, leaves: list, zeros: dict, fast: bool) -> tuple:
+    """``jax.vjp`` of the recorded forward; ``fast``: with the faster conv / max-pool backward
+    passes of :mod:`~jaxopt_suite.curvature.fastgrad` (``custom_vjp`` rules), and without them
+    when the model itself differentiates through those layers in forward mode (``jax.jvp``
+    inside ``apply_fn``), which ``custom_vjp`` rules do not support."""
+    if fast:
+        try:
+            return jax.vjp(functools.partial(forward, fast=True), leaves, zeros, has_aux=True)
+        except (NotImplementedError, TypeError):
+            pass  # the plain backward passes below; a genuine error is raised again there
+    return jax.vjp(forward, leaves, zeros, has_aux=True)
 
 
 def _fewer_columns(loss_name: str, cols: jax.Array, outputs: jax.Array) -> jax.Array:
@@ -560,36 +577,83 @@ class _Residual:
 
 
 def _discover(apply_fn, leaves, treedef, inputs, batch) -> dict[int, layers.LayerCall]:
-    """Traces ``apply_fn`` once (shapes only) and returns the usable layer calls by index."""
+    """Traces ``apply_fn`` (shapes only) and returns the usable layer calls by index.
+
+    A call is usable when its leading axis is the batch axis: the output's leading dimension is
+    N in a trace with the inputs and N + 1 in a second trace with a batch of N + 1 (a
+    time-major axis or a ``vmap`` inside the model can have N entries by coincidence; a model
+    that cannot be traced with N + 1 samples skips this check). A kernel or bias gets no
+    structure when it is used by several calls (a shared layer) or read outside its call in the
+    model's jaxpr (weight tying, ``Embed.attend``): per-sample gradients are then sums over the
+    uses, which the rules can't square separately.
+    """
     found: list[list] = []
     shared: set[int] = set()
 
     def probe(leaves, inputs):
         recorder = layers.Recorder(leaf_ids={id(leaf): i for i, leaf in enumerate(leaves)})
         with layers.recording(recorder):
-            apply_fn(jax.tree.unflatten(treedef, leaves), inputs)
+            out = apply_fn(jax.tree.unflatten(treedef, leaves), inputs)
         found.append(recorder.calls)
         shared.update(recorder.shared)
+        return out
 
-    jax.eval_shape(probe, leaves, inputs)
+    structs = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
+    as_struct = lambda a, n: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype)
+    closed = jax.make_jaxpr(probe)(structs, jax.tree.map(lambda a: as_struct(a, batch), inputs))
+    try:
+        jax.eval_shape(probe, structs, jax.tree.map(lambda a: as_struct(a, batch + 1), inputs))
+        wider = found[1] if len(found[1]) == len(found[0]) else None
+    except Exception:  # e.g. a reshape to a fixed batch size
+        wider = None
     calls = {
         i: c
         for i, c in enumerate(found[0])
-        if c is not None and len(c.output.shape) >= 2 and c.output.shape[0] == batch
+        if c is not None
+        and len(c.output.shape) >= 2
+        and c.output.shape[0] == batch
+        and (wider is None or (wider[i] is not None and wider[i].output.shape[0] == batch + 1))
     }
-    # A leaf used by several calls (shared layers), or read outside its call (an embedding
-    # table that also computes the logits), gets no structure: per-sample gradients are then
-    # sums over the uses, which the rules can't square separately.
     uses: dict[int, int] = dict.fromkeys(shared, 2)
-    for c in calls.values():
-        for leaf in (c.kernel, c.bias):
+    owners: dict[int, set[str]] = {}
+    for i, c in enumerate(found[0]):
+        for leaf in (c.kernel, c.bias) if c is not None else ():
             if leaf is not None:
                 uses[leaf] = uses.get(leaf, 0) + 1
+                owners.setdefault(leaf, set()).add(layers.call_tag(i))
+    for leaf in _read_outside(
+        closed.jaxpr,
+        dict(zip(closed.jaxpr.invars[: len(leaves)], range(len(leaves)), strict=True)),
+        owners,
+    ):
+        uses[leaf] = 2
     return {
         i: c
         for i, c in calls.items()
         if all(uses.get(leaf, 0) == 1 for leaf in (c.kernel, c.bias) if leaf is not None)
     }
+
+
+def _read_outside(jaxpr: Any, tracked: dict[Any, int], owners: dict[int, set[str]]) -> set[int]:
+    """The tracked leaves (jaxpr variable -> leaf index) that an equation outside their own
+    calls' named scopes reads, or that are outputs; nested ``jit`` equations are followed."""
+    found = {tracked[v] for v in jaxpr.outvars if isinstance(v, Var) and v in tracked}
+    for eqn in jaxpr.eqns:
+        read = [
+            (k, tracked[v]) for k, v in enumerate(eqn.invars) if isinstance(v, Var) and v in tracked
+        ]
+        if not read:
+            continue
+        scopes = set(str(eqn.source_info.name_stack).split("/"))
+        inner = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit") else None
+        for k, leaf in read:
+            if scopes & owners.get(leaf, set()):
+                continue
+            if inner is not None:
+                found |= _read_outside(inner.jaxpr, {inner.jaxpr.invars[k]: leaf}, owners)
+            else:
+                found.add(leaf)
+    return found
 
 
 def _owners(calls: dict[int, layers.LayerCall]) -> dict[int, tuple[int, str]]:

@@ -1,4 +1,4 @@
-r"""The structured path: finding Dense and Conv layers, and their per-sample derivatives.
+r"""The structured path: finding Dense, Conv, LayerNorm and Embed layers while a model is traced.
 
 **Finding layers.** While ``apply_fn`` is traced inside :func:`recording`, every call of a flax
 linen ``nn.Dense`` / ``nn.Conv`` (through ``flax.linen.intercept_methods``) and of an nnx
@@ -22,8 +22,10 @@ same patch): the recorder adds the zero perturbation to the module's output and 
   other axes or a mask leave the layer to the generic path;
 * ``embed``: the integer indices (any leading shape).
 
-A leaf read outside the recorded call (an ``Embed`` table also used by ``attend``, weight
-tying) is reported in ``Recorder.shared`` and gets no structure.
+In ``discover`` mode every recognised module call runs inside a ``jax.named_scope`` named by
+:func:`call_tag`, so that the engine can find, in the jaxpr of the traced model, any read of a
+layer's kernel or bias outside its own call (weight tying: a kernel also used transposed, an
+``Embed`` table also used by ``attend`` or in a product): such a leaf gets no structure.
 
 The per-layer derivative rules that consume the recorded inputs and cotangents are in
 :mod:`jaxopt_suite.curvature.rules` (Dense, Conv) and
@@ -75,7 +77,8 @@ class Recorder:
     """Per-trace state of :func:`recording`.
 
     ``discover`` mode (``leaf_ids`` given) fills ``calls``: one entry per intercepted ``lax``
-    call, a :class:`LayerCall` or ``None`` when the call can't be used. ``perturb`` mode
+    call, a :class:`LayerCall` or ``None`` when the call can't be used, and runs each module
+    call inside the named scope :func:`call_tag` of its index. ``perturb`` mode
     (``perturbations`` given: call index -> zero array) records ``inputs`` and adds the
     perturbations. Calls are numbered in execution order, which is the same in every trace of
     the same function. ``fast``: convolutions and non-overlapping max-pooling get the backward
@@ -93,13 +96,23 @@ class Recorder:
         self.perturbations = perturbations or {}
         self.calls: list[LayerCall | None] = []
         self.inputs: dict[int, jax.Array] = {}
-        self.shared: set[int] = set()  # leaves also read outside their recorded call
+        self.shared: set[int] = set()  # leaves whose module made an unexpected number of calls
         self.counter = 0
 
-    def mark_shared(self, value: Any) -> None:
-        """Notes that the leaf ``value`` is read outside a recorded call (e.g. ``attend``)."""
-        if self.leaf_ids is not None and self._leaf(value) is not None:
-            self.shared.add(self._leaf(value))
+    @contextlib.contextmanager
+    def module_scope(self, kernel: Any, bias: Any) -> Iterator[None]:
+        """Around a Dense/Conv module's call, which makes exactly one recorded ``lax`` call:
+        in ``discover`` mode, the named scope of that call's index (its bias is added in the
+        module, outside the ``lax`` call); a module that made another number of calls has its
+        leaves marked shared."""
+        if self.leaf_ids is None:
+            yield
+            return
+        index = self.counter
+        with jax.named_scope(call_tag(index)):
+            yield
+        if self.counter != index + 1:
+            self.shared.update(i for i in (self._leaf(kernel), self._leaf(bias)) if i is not None)
 
     def module(
         self,
@@ -113,13 +126,18 @@ class Recorder:
         """A LayerNorm or Embed call: ``call()`` computes the module's output; ``record()``
         what its rule consumes (None: the call is not one the rule covers)."""
         index, self.counter = self.counter, self.counter + 1
-        out = call()
+        if self.leaf_ids is not None:
+            with jax.named_scope(call_tag(index)):
+                out = call()
+        else:
+            out = call()
         if self.leaf_ids is not None:
             leaves = [leaf for leaf in (kernel, bias) if leaf is not None]
             usable = (
                 record is not None
                 and bool(leaves)
                 and all(self._leaf(leaf) is not None for leaf in leaves)
+                and _same_trace(record(), leaves[0])
             )
             self.calls.append(
                 LayerCall(
@@ -154,6 +172,7 @@ class Recorder:
                 contract = (((lhs.ndim - 1,), (0,)), ((), ()))
                 usable = (
                     lhs.ndim >= 2
+                    and _same_trace(lhs, kernel)
                     and rhs.ndim == 2
                     and _normalise_dims(dimension_numbers) == contract
                     and self._leaf(kernel) is not None
@@ -185,6 +204,7 @@ class Recorder:
                 config = _conv_config(lhs, rhs, args, kwargs)
                 usable = (
                     config is not None
+                    and _same_trace(lhs, kernel)
                     and self._leaf(kernel) is not None
                     and (bias is None or self._leaf(bias) is not None)
                 )
@@ -202,6 +222,19 @@ class Recorder:
             return self._finish(index, lhs, out)
 
         return conv_general_dilated
+
+
+def _same_trace(x: Any, leaf: Any) -> bool:
+    """Whether the layer input ``x`` belongs to the trace of the parameters themselves: not to
+    a transformation inside the model (``vmap``, ``jvp``, an inner ``jit``), where the input
+    can't be recorded nor the output perturbed, nor a constant."""
+    trace = getattr(x, "_trace", None)
+    return trace is not None and trace is getattr(leaf, "_trace", None)
+
+
+def call_tag(index: int) -> str:
+    """The named scope of recorded call ``index`` in ``discover`` mode's jaxpr."""
+    return f"jaxopt_suite_call_{index}"
 
 
 def _normalise_dims(dims: Any) -> Any:
@@ -332,19 +365,14 @@ def _linen_module(next_fun, args, kwargs, context, kind):
     """LayerNorm / Embed calls of linen, routed through the active recorder."""
     module = context.module
     recorder = _ACTIVE[-1]
-    if context.method_name not in ("__call__", "attend"):
+    if context.method_name != "__call__":  # e.g. Embed.attend: a read outside the call
         return next_fun(*args, **kwargs)
     if kind == "embed":
         table = module.get_variable("params", "embedding")
-        if context.method_name == "attend":  # the table is read a second way (weight tying)
-            recorder.mark_shared(table)
-            return next_fun(*args, **kwargs)
         record = _embed_record(args[0]) if args else None
         return recorder.module(
             kind, lambda: next_fun(*args, **kwargs), record, table, vocab=table.shape[0]
         )
-    if context.method_name != "__call__":
-        return next_fun(*args, **kwargs)
     scale = module.get_variable("params", "scale") if module.use_scale else None
     bias = module.get_variable("params", "bias") if module.use_bias else None
     record = _layernorm_record(module, args[0], kwargs) if args else None
@@ -367,8 +395,9 @@ def _linen_interceptor(next_fun, args, kwargs, context):
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
     op = getattr(module, attr) or default
-    wrapped = getattr(_ACTIVE[-1], kind)(op, kernel, bias)
-    with _swapped(module, attr, wrapped):
+    recorder = _ACTIVE[-1]
+    wrapped = getattr(recorder, kind)(op, kernel, bias)
+    with _swapped(module, attr, wrapped), recorder.module_scope(kernel, bias):
         return next_fun(*args, **kwargs)
 
 
@@ -386,8 +415,9 @@ def _nnx_patch(cls: type, kind: str) -> Callable:
         if not _ACTIVE or type(self) is not cls or getattr(self, "mask", None) is not None:
             return original(self, *args, **kwargs)
         kernel, bias = _nnx_value(self.kernel), _nnx_value(getattr(self, "bias", None))
-        wrapped = getattr(_ACTIVE[-1], kind)(getattr(self, attr), kernel, bias)
-        with _swapped(self, attr, wrapped):
+        recorder = _ACTIVE[-1]
+        wrapped = getattr(recorder, kind)(getattr(self, attr), kernel, bias)
+        with _swapped(self, attr, wrapped), recorder.module_scope(kernel, bias):
             return original(self, *args, **kwargs)
 
     return __call__
@@ -411,17 +441,6 @@ def _nnx_module_patch(cls: type, kind: str) -> Callable:
     return __call__
 
 
-def _nnx_attend_patch(cls: type) -> Callable:
-    original = cls.attend
-
-    def attend(self, *args, **kwargs):
-        if _ACTIVE:
-            _ACTIVE[-1].mark_shared(_nnx_value(self.embedding))
-        return original(self, *args, **kwargs)
-
-    return attend
-
-
 @contextlib.contextmanager
 def recording(recorder: Recorder) -> Iterator[Recorder]:
     """Routes the Dense/Conv/LayerNorm/Embed layers that run inside the block through
@@ -431,14 +450,12 @@ def recording(recorder: Recorder) -> Iterator[Recorder]:
     block runs.
     """
     originals = [(cls, "__call__", cls.__call__) for cls in (*_NNX_KINDS, *_NNX_MODULES)]
-    originals.append((nnx.Embed, "attend", nnx.Embed.attend))
     _ACTIVE.append(recorder)
     try:
         for cls, kind in _NNX_KINDS.items():
             cls.__call__ = _nnx_patch(cls, kind)
         for cls, kind in _NNX_MODULES.items():
             cls.__call__ = _nnx_module_patch(cls, kind)
-        nnx.Embed.attend = _nnx_attend_patch(nnx.Embed)
         pooling = fastgrad.patched_pooling() if recorder.fast else contextlib.nullcontext()
         with nn.intercept_methods(_linen_interceptor), pooling:
             yield recorder

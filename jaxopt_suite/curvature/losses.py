@@ -179,7 +179,13 @@ def _callable_loss(fn: PerSampleLoss) -> Loss:
                 "a callable loss needs outputs and targets with the same leading batch axis; "
                 f"got outputs {outputs.shape} and targets {targets.shape}"
             )
-        out = jax.eval_shape(fn, outputs[0], targets[0])
+        try:
+            out = jax.eval_shape(fn, outputs[0], targets[0])
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"the callable loss failed on one sample (output shape {outputs.shape[1:]}, "
+                f"target shape {targets.shape[1:]}): do the targets fit the outputs? {err}"
+            ) from err
         if getattr(out, "shape", None) != ():
             raise ValueError(
                 "a callable loss must be per-sample: loss(output, target) for ONE sample "
