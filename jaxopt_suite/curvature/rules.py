@@ -396,7 +396,8 @@ _UNROLL_COLUMNS = 16
 _COLUMN_GROUPS: int | None = None
 
 
-def _column_groups() -> int:
+def _default_groups() -> int:
+    """Groups when none is asked for: ``_COLUMN_GROUPS``, else this process's CPU cores."""
     if _COLUMN_GROUPS is not None:
         return _COLUMN_GROUPS
     try:
@@ -438,7 +439,7 @@ def backpropagate_columns(
     k = columns.shape[0]
     if k > _UNROLL_COLUMNS:
         return jax.lax.map(lambda column: vjp_fn(column)[1], columns)
-    groups = min(k, max(2, _column_groups()) if groups is None else max(1, groups))
+    groups = min(k, max(2, _default_groups()) if groups is None else max(1, groups))
     if groups < k and _batches_poorly(vjp_fn, columns[0]):
         groups = k
     size = -(-k // groups)
