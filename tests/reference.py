@@ -16,7 +16,8 @@ Entry points, all with one signature ``(apply_fn, params, x, y, loss, reduction)
 - :func:`quantities`: a dict of the engine's exact quantities (value, gradient, first-order
   statistics, GGN and Hessian diagonals, GGN matrices and per-leaf blocks);
 - :func:`per_sample`: the raveled per-sample arrays they are made of;
-- :func:`ggn_matrix`, :func:`ggn_blocks`: the batch GGN, whole and per parameter leaf.
+- :func:`ggn_matrix`, :func:`ggn_blocks`: the batch GGN, whole and per parameter leaf;
+- :func:`hessian_matrix`: the batch loss's full Hessian.
 
 And shared helpers: :func:`batch_loss`, :func:`per_sample_loss`, :func:`normaliser`,
 :func:`flat`, :func:`leaf_slices`, :func:`leaf_blocks`, :func:`square_root_gram`,
@@ -174,6 +175,14 @@ def quantities(apply_fn, params, x, y, loss, reduction="mean", *, full_ggn=False
 def ggn_matrix(apply_fn, params, x, y, loss, reduction="mean"):
     """The batch GGN ``Σₙ Jₙᵀ Hₙ Jₙ`` (P, P) on the raveled parameters."""
     return per_sample(apply_fn, params, x, y, loss, reduction, full_ggn=True)["ggn"].sum(0)
+
+
+def hessian_matrix(apply_fn, params, x, y, loss, reduction="mean"):
+    """The batch loss's full Hessian (P, P) on the raveled parameters, by ``jax.hessian``."""
+    flat_params, unravel = ravel_pytree(params)
+    batch = batch_loss(loss, reduction)
+    fn = jax.jit(jax.hessian(lambda v: batch(apply_fn(unravel(v), x), y)))
+    return np.asarray(fn(flat_params), np.float64)
 
 
 def ggn_blocks(apply_fn, params, x, y, loss, reduction="mean"):
