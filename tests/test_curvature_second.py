@@ -153,7 +153,7 @@ def test_mlp_every_new_quantity_both_paths():
         return x.T @ x / n, h.T @ h / n, g1, g2, g1_kfra
 
     a1, a2, g1, g2, g1_kfra = by_hand(params, x, y)
-    _, _, reference = fast_jit(
+    _, _, mlp_factors = fast_jit(
         lambda p, x, y: kronecker.mlp_value_grad_and_factors(p, x, y, activation=act)
     )(params, x, y)
 
@@ -164,8 +164,7 @@ def test_mlp_every_new_quantity_both_paths():
             jax.tree.leaves(extras["sqrt_ggn_exact"]), jax.tree.leaves(ggn_blocks), strict=True
         ):
             assert v.shape[:2] == (3, n)
-            flat_v = v.reshape(-1, block.shape[0])
-            close(flat_v.T @ flat_v, block)
+            close(reference.square_root_gram(v.reshape(3, n, -1), per_sample=False), block)
         kflr = extras["kflr"]
         close(kflr["Dense_0"]["bias"][0], ggn_blocks["Dense_0"]["bias"])
         close(kflr["Dense_1"]["bias"][0], ggn_blocks["Dense_1"]["bias"])
@@ -177,7 +176,7 @@ def test_mlp_every_new_quantity_both_paths():
         close(kflr["Dense_0"]["kernel"][1], g1)
         close(kflr["Dense_1"]["kernel"][1], g2)
         for name in ("Dense_0", "Dense_1"):
-            for got, want in zip(kflr[name]["kernel"], reference[name]["kernel"], strict=True):
+            for got, want in zip(kflr[name]["kernel"], mlp_factors[name]["kernel"], strict=True):
                 close(got, want)
         kfra = extras["kfra"]
         close(kfra["Dense_0"]["kernel"][0], a1)
@@ -242,8 +241,9 @@ def test_conv_factors_backpack_convention_and_diag_h():
     close(a, patches.T @ patches / 2)
     close(g, ggn_blocks["Conv_0"]["bias"])
     close(extras["kflr"]["Conv_0"]["bias"][0], ggn_blocks["Conv_0"]["bias"])
-    v = extras["sqrt_ggn_exact"]["Conv_0"]["kernel"].reshape(-1, 2 * 2 * 2 * 2)
-    close(v.T @ v, ggn_blocks["Conv_0"]["kernel"])
+    v = extras["sqrt_ggn_exact"]["Conv_0"]["kernel"]
+    gram = reference.square_root_gram(v.reshape(*v.shape[:2], 2 * 2 * 2 * 2), per_sample=False)
+    close(gram, ggn_blocks["Conv_0"]["kernel"])
 
 
 # --- the Hessian diagonal beyond the elementwise mechanism -----------------------------------
