@@ -1,5 +1,6 @@
-"""curvature.value_and_grad against brute force: per-sample loops with jax.grad, GGN diagonals
-from jax.jacrev of the model and jax.hessian of an independently written loss."""
+"""curvature.value_and_grad against brute force (tests/reference.py): per-sample loops with
+jax.grad, GGN diagonals from jax.jacrev of the model and jax.hessian of an independently
+written loss."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.flatten_util import ravel_pytree
 
 from jaxopt_suite import curvature
+from tests import reference
+from tests.reference import random_like
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 EXACT = (
@@ -24,80 +26,9 @@ EXACT = (
 )
 
 
-# --- independent per-sample losses (one sample: output without the batch axis) --------------
-
-
-def ce_one(out, y):  # out (..., C), y (...) ints: sum over positions
-    return jnp.sum(
-        jax.nn.logsumexp(out, axis=-1) - jnp.take_along_axis(out, y[..., None], -1)[..., 0]
-    )
-
-
-def mse_one(out, y):
-    return jnp.sum((out - y) ** 2)
-
-
-def bce_one(out, y):
-    p = jax.nn.sigmoid(out)
-    return -jnp.sum(y * jnp.log(p) + (1 - y) * jnp.log1p(-p))
-
-
 def huber_one(out, y):  # a user's loss, strictly convex
     r = out - y
     return jnp.sum(jnp.sqrt(1.0 + r**2) - 1.0 + 0.1 * r**2)
-
-
-ONE = {"cross_entropy": ce_one, "mse": mse_one, "bce_with_logits": bce_one}
-
-
-def norm_count(loss, out_shape):
-    """How many terms PyTorch's mean divides by."""
-    if loss == "cross_entropy":
-        return int(np.prod(out_shape[:-1]))
-    if loss in ("mse", "bce_with_logits"):
-        return int(np.prod(out_shape))
-    return out_shape[0]
-
-
-def brute_force(apply_fn, params, x, y, loss, reduction):
-    """Every exact quantity by a loop over samples, in one jitted function."""
-    one = ONE.get(loss, loss)
-
-    @jax.jit
-    def run(params, x, y):
-        flat, unravel = ravel_pytree(params)
-        out = apply_fn(params, x)
-        n = out.shape[0]
-        c = 1.0 / norm_count(loss, out.shape) if reduction == "mean" else 1.0
-        f_one = lambda v, xi: apply_fn(unravel(v), xi[None])[0]
-
-        def sample(xy):  # one sample: gradient, GGN diagonal, loss term
-            xi, yi = xy
-            grad = jax.grad(lambda v: c * one(f_one(v, xi), yi))(flat)
-            jac = jax.jacrev(f_one)(flat, xi).reshape(-1, flat.size)  # (D, P)
-            hess = jax.hessian(lambda o: c * one(o, yi))(f_one(flat, xi))
-            hess = hess.reshape(jac.shape[0], -1)
-            return grad, jnp.einsum("dp,de,ep->p", jac, hess, jac), c * one(f_one(flat, xi), yi)
-
-        grads, ggn_batch, values = jax.lax.map(sample, (x, y))  # a loop over samples
-        value = values.sum()
-        total = grads.sum(0)
-        batch = lambda a: jax.vmap(unravel)(a)
-        sgs = (grads**2).sum(0)
-        return (
-            value,
-            unravel(total),
-            {
-                "grad_batch": batch(grads),
-                "batch_l2": jax.tree.map(lambda g: jnp.sum(g.reshape(n, -1) ** 2, 1), batch(grads)),
-                "sum_grad_squared": unravel(sgs),
-                "variance": unravel(sgs / n - (total / n) ** 2),
-                "diag_ggn_exact": unravel(ggn_batch.sum(0)),
-                "diag_ggn_exact_batch": batch(ggn_batch),
-            },
-        )
-
-    return run(params, x, y)
 
 
 def assert_tree_close(a, b, **tol):
@@ -109,7 +40,7 @@ def assert_tree_close(a, b, **tol):
 def check_all(apply_fn, params, x, y, loss, reduction="mean", expect=None, generic=False, **kw):
     """The structured path (and the generic one when ``generic``) against brute force, for
     every exact quantity."""
-    want_value, want_grad, want = brute_force(apply_fn, params, x, y, loss, reduction)
+    want = reference.quantities(apply_fn, params, x, y, loss, reduction)
     if expect is not None:
         kinds = jax.tree.leaves(curvature.coverage(apply_fn, params, x))
         assert sorted(set(kinds)) == sorted(expect), kinds
@@ -118,8 +49,8 @@ def check_all(apply_fn, params, x, y, loss, reduction="mean", expect=None, gener
             apply_fn, loss=loss, reduction=reduction, quantities=EXACT, structured=structured, **kw
         )
         value, grads, extras = jax.jit(fn)(params, x, y)
-        np.testing.assert_allclose(value, want_value, **TOL)
-        assert_tree_close(grads, want_grad)
+        np.testing.assert_allclose(value, want["value"], **TOL)
+        assert_tree_close(grads, want["grad"])
         for name in EXACT:
             assert_tree_close(extras[name], want[name])
 
@@ -133,16 +64,6 @@ def init(model, x, seed=0):
     seconds to compile, which would dominate these tiny tests)."""
     shapes = jax.eval_shape(model.init, jax.random.key(seed), x)["params"]
     return random_like(shapes, seed)
-
-
-def random_like(tree, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 4
-        return jnp.asarray(rng.normal(0.0, fan_in**-0.5, leaf.shape), leaf.dtype)
-
-    return jax.tree.map(draw, tree)
 
 
 def rand(shape, seed=1):
@@ -321,7 +242,7 @@ def test_hand_written_function():
     # chunks that don't divide the batch, without any summed statistic
     per_sample = ("grad_batch", "batch_l2", "diag_ggn_exact_batch")
     chunked = curvature.value_and_grad(apply_fn, loss="mse", quantities=per_sample, chunk_size=3)
-    _, _, want = brute_force(apply_fn, params, x, y, "mse", "mean")
+    want = reference.quantities(apply_fn, params, x, y, "mse", "mean")
     _, _, got = jax.jit(chunked)(params, x, y)
     for name in per_sample:
         assert_tree_close(got[name], want[name])
@@ -390,7 +311,7 @@ def test_grads_equal_jax_grad_and_jit_does_not_retrace():
 
     fn = jax.jit(curvature.value_and_grad(apply_fn, loss="cross_entropy", quantities=("batch_l2",)))
     value, grads, extras = fn(params, x, y)
-    ref_loss = lambda p: jnp.mean(jax.vmap(ce_one)(model.apply({"params": p}, x), y))
+    ref_loss = lambda p: reference.batch_loss("cross_entropy")(model.apply({"params": p}, x), y)
     want_value, want_grads = jax.value_and_grad(ref_loss)(params)
     np.testing.assert_allclose(value, want_value, **TOL)
     assert_tree_close(grads, want_grads)

@@ -4,9 +4,10 @@ A small transformer block (embedding, LayerNorm, single-head self-attention, gel
 connections, cross-entropy at every position), a ResNet-style block (convolutions, a projected
 skip connection, max and global average pooling) and an nnx model go through
 ``curvature.value_and_grad`` with every name of ``curvature.QUANTITIES`` in one call per model.
-Each result is compared with an independent computation on the raveled parameters: per-sample
-loops of ``jax.grad`` (first order), per-sample ``J^T H J`` from ``jax.jacrev`` of the model and
-``jax.hessian`` of a loss written here (GGN diagonals, square roots), ``jax.hessian`` of the
+Each result is compared with an independent computation on the raveled parameters
+(tests/reference.py; the Kronecker factors' here): per-sample loops of ``jax.grad`` (first
+order), per-sample ``J^T H J`` from ``jax.jacrev`` of the model and ``jax.hessian`` of a loss
+written independently of the engine (GGN diagonals, square roots), ``jax.hessian`` of the
 per-sample loss (Hessian diagonals), and, for Monte Carlo quantities, the exact value they
 estimate (many samples, loose tolerance).
 """
@@ -23,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.flatten_util import ravel_pytree
 
 from jaxopt_suite import curvature
+from tests import reference
+from tests.reference import random_like
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 MC_SAMPLES = 4000
@@ -85,17 +87,6 @@ class NnxNet(nnx.Module):
         return self.head(h)
 
 
-def _random_like(tree, seed):
-    """numpy draws shaped like ``tree`` (flax's initialisers would cost compilations)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 2
-        return jnp.asarray(rng.normal(0.0, fan_in**-0.5, leaf.shape), jnp.float32)
-
-    return jax.tree.map(draw, tree)
-
-
 class Case(NamedTuple):
     apply_fn: Callable
     params: Any
@@ -108,7 +99,8 @@ class Case(NamedTuple):
 
 
 def _linen_case(model, x, y, loss, kernels):
-    params = _random_like(jax.eval_shape(model.init, jax.random.key(0), x)["params"], seed=0)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    params = random_like(shapes, seed=0, vector_fan_in=2, dtype=jnp.float32)
 
     def layer_output(p, inputs, layer):
         _, state = model.apply(
@@ -144,7 +136,7 @@ def case(name):
         kernels = {"Conv_0": "conv", "Conv_1": "conv", "skip": "conv", "Dense_0": "dense"}
         return _linen_case(ResidualBlock(), x, labels, "cross_entropy", kernels)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: NnxNet(nnx.Rngs(0))))
-    state = _random_like(state, seed=0)
+    state = random_like(state, seed=0, vector_fan_in=2, dtype=jnp.float32)
     apply_fn = lambda s, inputs: nnx.merge(graphdef, s)(inputs)
 
     def layer_output(s, inputs, layer):
@@ -168,45 +160,12 @@ MODELS = ("transformer", "resnet", "nnx")
 # --- brute force ---------------------------------------------------------------------------
 
 
-def _loss_one(loss, out, y):
-    """One sample's loss, written independently of the engine (sum over positions/entries)."""
-    if loss == "cross_entropy":
-        logz = jax.scipy.special.logsumexp(out, axis=-1)
-        return jnp.sum(logz - jnp.take_along_axis(out, y[..., None], axis=-1)[..., 0])
-    return jnp.sum((out - y) ** 2)
-
-
-def _mean_scale(loss, out_shape):
-    """PyTorch's mean: over positions for cross-entropy, over all entries for MSE."""
-    terms = np.prod(out_shape[:-1]) if loss == "cross_entropy" else np.prod(out_shape)
-    return 1.0 / float(terms)
-
-
 @functools.cache
 def brute_force(name):
-    """Per-sample gradients, GGN blocks J^T H J and Hessians on the raveled parameters."""
+    """Every exact quantity of ``case(name)`` by brute force (tests/reference.py), with the
+    per-sample GGN blocks J^T H J and Hessian diagonals."""
     apply_fn, params, x, y, loss = case(name)[:5]
-
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-    def run(params, x, y):
-        flat, unravel = ravel_pytree(params)
-        c = _mean_scale(loss, apply_fn(params, x).shape)
-        f_one = lambda v, xn: apply_fn(unravel(v), xn[None])[0]
-
-        def sample(xy):
-            xn, yn = xy
-            ell = lambda v: c * _loss_one(loss, f_one(v, xn), yn)
-            out = f_one(flat, xn)
-            jac = jax.jacrev(f_one)(flat, xn).reshape(out.size, flat.size)
-            h_out = jax.hessian(lambda o: c * _loss_one(loss, o.reshape(out.shape), yn))(
-                out.reshape(-1)
-            )
-            return ell(flat), jax.grad(ell)(flat), jac.T @ h_out @ jac, jax.hessian(ell)(flat)
-
-        return jax.lax.map(sample, (x, y))
-
-    values, grads, ggn, hess = (np.asarray(a, np.float64) for a in run(params, x, y))
-    return {"value": values.sum(), "grads": grads, "ggn": ggn, "hessian": hess}
+    return reference.quantities(apply_fn, params, x, y, loss, full_ggn=True, hessian=True)
 
 
 def _leaf_index(params, layer, leaf="kernel"):
@@ -232,7 +191,8 @@ def kronecker_reference(name):
     def run(leaves, x, y):
         params = jax.tree.unflatten(treedef, leaves)
         n = x.shape[0]
-        c = _mean_scale(cs.loss, cs.apply_fn(params, x).shape)
+        c = 1.0 / reference.normaliser(cs.loss, cs.apply_fn(params, x).shape)
+        one = reference.per_sample_loss(cs.loss)
         factors = {}
         for layer, kind in cs.kernels.items():
             idx = _leaf_index(params, layer)
@@ -259,9 +219,7 @@ def kronecker_reference(name):
                     zero = jnp.zeros(eps_shape)
                     out = f(zero)
                     j = jax.jacrev(f)(zero).reshape(out.size, -1)
-                    h = jax.hessian(lambda o: c * _loss_one(cs.loss, o.reshape(out.shape), yn))(
-                        out.reshape(-1)
-                    )
+                    h = jax.hessian(lambda o: c * one(o.reshape(out.shape), yn))(out.reshape(-1))
                     return j.T @ h @ j
 
                 m = jax.lax.map(block, (x, y)).sum(0)
@@ -281,8 +239,7 @@ def kronecker_reference(name):
 def _kron(mc):
     def check(got, ref, params, name):
         given = jax.tree.structure(params).flatten_up_to(got)
-        ggn = ref["ggn"].sum(0)
-        blocks = [ggn[w, w] for w in _leaf_slices(params)]
+        blocks = jax.tree.leaves(ref["ggn_blocks"])
         expected: list = [
             (blocks[i],) if leaf.ndim == 1 else None
             for i, leaf in enumerate(jax.tree.leaves(params))
@@ -305,13 +262,6 @@ def _kron(mc):
     return check
 
 
-def _flat(tree, lead=0):
-    """Ravel a params-shaped tree whose leaves carry ``lead`` leading axes: (*lead, P)."""
-    leaves = jax.tree.leaves(tree)
-    shape = leaves[0].shape[:lead]
-    return np.concatenate([np.asarray(a, np.float64).reshape(*shape, -1) for a in leaves], axis=-1)
-
-
 def _close(got, want, what):
     np.testing.assert_allclose(got, want, err_msg=what, **TOL)
 
@@ -321,52 +271,32 @@ def _close_mc(got, want, what):
     np.testing.assert_allclose(got / scale, want / scale, atol=MC_TOL, err_msg=what)
 
 
-def _square_root_blocks(columns):
-    """Σ_k V_k V_kᵀ per sample from V (K, N, P)."""
-    return np.einsum("knp,knq->npq", columns, columns)
-
-
-def _leaf_slices(params):
-    """Where each leaf sits in the raveled parameters (ravel_pytree's leaf order)."""
-    sizes = [int(np.prod(a.shape)) for a in jax.tree.leaves(params)]
-    ends = np.cumsum(sizes)
-    return [slice(e - s, e) for s, e in zip(sizes, ends, strict=True)]
-
-
-# quantity -> check(extras[quantity], brute-force dict, params)
+# quantity -> check(extras[quantity], brute-force dict of reference.quantities, params, name)
 def _first_order(quantity):
     def check(got, ref, params, name):
-        g = ref["grads"]  # (N, P): c ∇ℓ_n
-        n = g.shape[0]
-        if quantity == "batch_l2":
-            for a, where in zip(jax.tree.leaves(got), _leaf_slices(params), strict=True):
-                _close(np.asarray(a), (g[:, where] ** 2).sum(1), quantity)
-            return
-        want = {
-            "grad_batch": g,
-            "sum_grad_squared": (g**2).sum(0),
-            "variance": (g**2).sum(0) / n - (g.sum(0) / n) ** 2,
-        }[quantity]
-        _close(_flat(got, lead=1 if quantity == "grad_batch" else 0), want, quantity)
+        lead = 1 if quantity in ("grad_batch", "batch_l2") else 0
+        _close(reference.flat(got, lead), reference.flat(ref[quantity], lead), quantity)
 
     return check
 
 
-def _diag(matrix_name, batch, mc=False):
+def _diag(exact, mc=False):
     def check(got, ref, params, name):
-        d = np.diagonal(ref[matrix_name], axis1=1, axis2=2)  # (N, P)
-        want = d if batch else d.sum(0)
-        (_close_mc if mc else _close)(_flat(got, lead=1 if batch else 0), want, matrix_name)
+        lead = 1 if exact.endswith("_batch") else 0
+        (_close_mc if mc else _close)(
+            reference.flat(got, lead), reference.flat(ref[exact], lead), exact
+        )
 
     return check
 
 
 def _sqrt_ggn(mc):
     def check(got, ref, params, name):
-        columns = _flat(got, lead=2)  # (K, N, P)
-        n, p = ref["ggn"].shape[:2]
+        columns = reference.flat(got, lead=2)  # (K, N, P)
+        n, p = ref["ggn_batch"].shape[:2]
         assert columns.shape[1:] == (n, p), columns.shape
-        (_close_mc if mc else _close)(_square_root_blocks(columns), ref["ggn"], "V Vᵀ")
+        gram = reference.square_root_gram(columns)
+        (_close_mc if mc else _close)(gram, ref["ggn_batch"], "V Vᵀ")
 
     return check
 
@@ -376,12 +306,12 @@ CHECKS = {
     "batch_l2": _first_order("batch_l2"),
     "sum_grad_squared": _first_order("sum_grad_squared"),
     "variance": _first_order("variance"),
-    "diag_ggn_exact": _diag("ggn", batch=False),
-    "diag_ggn_exact_batch": _diag("ggn", batch=True),
-    "diag_ggn_mc": _diag("ggn", batch=False, mc=True),
-    "diag_ggn_mc_batch": _diag("ggn", batch=True, mc=True),
-    "diag_h": _diag("hessian", batch=False),
-    "diag_h_batch": _diag("hessian", batch=True),
+    "diag_ggn_exact": _diag("diag_ggn_exact"),
+    "diag_ggn_exact_batch": _diag("diag_ggn_exact_batch"),
+    "diag_ggn_mc": _diag("diag_ggn_exact", mc=True),
+    "diag_ggn_mc_batch": _diag("diag_ggn_exact_batch", mc=True),
+    "diag_h": _diag("diag_h"),
+    "diag_h_batch": _diag("diag_h_batch"),
     "sqrt_ggn_exact": _sqrt_ggn(mc=False),
     "sqrt_ggn_mc": _sqrt_ggn(mc=True),
     "kflr": _kron(mc=False),
@@ -413,6 +343,6 @@ def test_every_quantity_against_brute_force(name):
     )
     ref = brute_force(name)
     _close(float(value), ref["value"], "value")
-    _close(_flat(grads), ref["grads"].sum(0), "grads")
+    _close(reference.flat(grads), reference.flat(ref["grad"]), "grads")
     for q in wanted:
         CHECKS[q](extras[q], ref, params, name)

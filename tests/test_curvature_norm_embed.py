@@ -5,9 +5,9 @@ linen (cross-entropy at every position, repeated and unused tokens) and in nnx (
 with two extra axes, MSE, LayerNorm without the fast variance), and a LayerNorm on a conv
 feature map. Every quantity of the first-order, GGN and Hessian families is compared with
 per-sample ``jax.grad`` / ``jax.jacrev`` / ``jax.hessian`` loops on the raveled parameters
-(Monte Carlo ones with many samples against the exact GGN, loosely) and, all but ``diag_h``
-(whose generic path costs the most to compile), with the generic path (``structured=False``,
-same key: identical draws, so exact). ``kflr`` / ``kfac`` of the new
+(tests/reference.py; Monte Carlo ones with many samples against the exact GGN, loosely) and,
+all but ``diag_h`` (whose generic path costs the most to compile), with the generic path
+(``structured=False``, same key: identical draws, so exact). ``kflr`` / ``kfac`` of the new
 leaves are checked against the exact GGN blocks. ``coverage`` must name the new kinds and
 fall back where the rules don't apply, and the Embed rule must not form an (N, V, D) buffer
 for the quantities that don't return one.
@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.flatten_util import ravel_pytree
 
 from jaxopt_suite import benchmarking, curvature
 from jaxopt_suite.curvature import rules_norm
+from tests import reference
+from tests.reference import random_like
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 MC_SAMPLES = 3000
@@ -66,12 +67,6 @@ class ConvNormNet(nn.Module):
         return nn.Dense(3)(jnp.mean(h, axis=(1, 2)))
 
 
-def _random_like(tree, seed=0):
-    """numpy draws shaped like ``tree`` (flax's initialisers would cost compilations)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 0.7, a.shape), jnp.float32), tree)
-
-
 @functools.cache
 def case(name):
     """(apply_fn, params, inputs, targets, loss, kinds): ``kinds`` maps the new leaves'
@@ -82,7 +77,8 @@ def case(name):
         targets = jax.random.normal(jax.random.key(1), (2, 2, 3, 2))
         kinds = {"embed": "embed", "norm": "layernorm"}
         apply_fn = lambda s, x: nnx.merge(graphdef, s)(x)
-        return apply_fn, _random_like(state), tokens, targets, "mse", kinds
+        params = random_like(state, std=0.7, dtype=jnp.float32)
+        return apply_fn, params, tokens, targets, "mse", kinds
     if name == "linen":
         model, x = SeqNet(), jnp.array([[1, 3, 1, 1], [0, 2, 4, 2]])  # token 5 unused
         y, kinds = jnp.array([[0, 2, 1, 1], [2, 0, 0, 1]]), {"Embed_0": "embed"}
@@ -90,56 +86,17 @@ def case(name):
         model, x = ConvNormNet(), jax.random.normal(jax.random.key(1), (2, 4, 4, 2))
         y, kinds = jnp.array([2, 0]), {}
     kinds["LayerNorm_0"] = "layernorm"
-    params = _random_like(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    params = random_like(shapes, std=0.7, dtype=jnp.float32)
     return lambda p, x: model.apply({"params": p}, x), params, x, y, "cross_entropy", kinds
-
-
-def _loss_one(loss, out, y):
-    """One sample's loss summed over positions, written independently of the engine."""
-    if loss == "cross_entropy":
-        logz = jax.scipy.special.logsumexp(out, axis=-1)
-        return jnp.sum(logz - jnp.take_along_axis(out, y[..., None], axis=-1)[..., 0])
-    return jnp.sum((out - y) ** 2)
 
 
 @functools.cache
 def brute_force(name):
-    """Per-sample gradients (N, P), GGN blocks J^T H J and Hessians (N, P, P)."""
+    """Every exact quantity of ``case(name)`` by brute force (tests/reference.py), with the
+    per-sample GGN blocks J^T H J and Hessian diagonals."""
     apply_fn, params, x, y, loss, _ = case(name)
-
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
-    def run(params, x, y):
-        flat, unravel = ravel_pytree(params)
-        out_shape = apply_fn(params, x).shape
-        terms = np.prod(out_shape[:-1]) if loss == "cross_entropy" else np.prod(out_shape)
-        f_one = lambda v, xn: apply_fn(unravel(v), xn[None])[0]
-
-        def sample(xy):
-            xn, yn = xy
-            ell = lambda v: _loss_one(loss, f_one(v, xn), yn) / terms
-            out = f_one(flat, xn)
-            jac = jax.jacrev(f_one)(flat, xn).reshape(out.size, flat.size)
-            h_out = jax.hessian(lambda o: _loss_one(loss, o.reshape(out.shape), yn) / terms)(
-                out.reshape(-1)
-            )
-            return jax.grad(ell)(flat), jac.T @ h_out @ jac, jax.hessian(ell)(flat)
-
-        return jax.lax.map(sample, (x, y))
-
-    grads, ggn, hess = (np.asarray(a, np.float64) for a in run(params, x, y))
-    return {"grads": grads, "ggn": ggn, "hessian": hess}
-
-
-def _flat(tree, lead=0):
-    """Ravel a params-shaped tree whose leaves carry ``lead`` leading axes: (*lead, P)."""
-    leaves = jax.tree.leaves(tree)
-    shape = leaves[0].shape[:lead]
-    return np.concatenate([np.asarray(a, np.float64).reshape(*shape, -1) for a in leaves], axis=-1)
-
-
-def _slices(params):
-    sizes = [int(np.prod(a.shape)) for a in jax.tree.leaves(params)]
-    return [slice(e - s, e) for s, e in zip(sizes, np.cumsum(sizes), strict=True)]
+    return reference.quantities(apply_fn, params, x, y, loss, full_ggn=True, hessian=True)
 
 
 def _close(got, want, what):
@@ -151,30 +108,13 @@ def _close_mc(got, want, what):
     np.testing.assert_allclose(got / scale, want / scale, atol=MC_TOL, err_msg=what)
 
 
-def _expected(quantity, ref, params):
-    """The brute-force value of a quantity, raveled like :func:`_flat` (batch_l2: per leaf)."""
-    g = ref["grads"]
-    n = g.shape[0]
-    ggn_diag = np.diagonal(ref["ggn"], axis1=1, axis2=2)
-    h_diag = np.diagonal(ref["hessian"], axis1=1, axis2=2)
-    return {
-        "grad_batch": g,
-        "batch_l2": np.stack([(g[:, w] ** 2).sum(1) for w in _slices(params)], axis=1),
-        "sum_grad_squared": (g**2).sum(0),
-        "variance": (g**2).sum(0) / n - (g.sum(0) / n) ** 2,
-        "diag_ggn_exact": ggn_diag.sum(0),
-        "diag_ggn_exact_batch": ggn_diag,
-        "diag_ggn_mc": ggn_diag.sum(0),
-        "diag_ggn_mc_batch": ggn_diag,
-        "diag_h": h_diag.sum(0),
-        "diag_h_batch": h_diag,
-    }[quantity]
+# a Monte Carlo quantity estimates the exact one
+EXACT_OF = {"diag_ggn_mc": "diag_ggn_exact", "diag_ggn_mc_batch": "diag_ggn_exact_batch"}
 
 
-def _raveled(quantity, value):
-    if quantity == "batch_l2":
-        return np.stack([np.asarray(a, np.float64) for a in jax.tree.leaves(value)], axis=1)
-    return _flat(value, lead=1 if quantity in ("grad_batch",) or quantity.endswith("_batch") else 0)
+def _lead(quantity):
+    """Leading axes of a quantity's leaves before the parameter's own: 1 for per-sample ones."""
+    return 1 if quantity in ("grad_batch", "batch_l2") or quantity.endswith("_batch") else 0
 
 
 @pytest.mark.slow
@@ -192,22 +132,24 @@ def test_every_quantity_against_brute_force_and_generic(name):
     def both(params, x, y, key):
         return structured(params, x, y, key=key)[2], generic(params, x, y, key=key)[2]
 
-    got, reference = both(params, x, y, jax.random.key(3))
+    got, got_generic = both(params, x, y, jax.random.key(3))
     ref = brute_force(name)
     for q in compared:
         # same key, same Monte Carlo draws: the structured and generic paths agree exactly
-        for a, b in zip(jax.tree.leaves(got[q]), jax.tree.leaves(reference[q]), strict=True):
+        for a, b in zip(jax.tree.leaves(got[q]), jax.tree.leaves(got_generic[q]), strict=True):
             _close(np.asarray(a), np.asarray(b), f"{q}: structured vs generic")
     for q in names:
         if q.startswith("sqrt_ggn"):
-            v = _flat(got[q], lead=2)  # (K, N, P): V Vᵀ is the per-sample GGN
-            (_close_mc if q in MC else _close)(np.einsum("knp,knq->npq", v, v), ref["ggn"], q)
+            v = reference.flat(got[q], lead=2)  # (K, N, P): V Vᵀ is the per-sample GGN
+            gram = reference.square_root_gram(v)
+            (_close_mc if q in MC else _close)(gram, ref["ggn_batch"], q)
         else:
             check = _close_mc if q in MC else _close
-            check(_raveled(q, got[q]), _expected(q, ref, params), q)
+            want = reference.flat(ref[EXACT_OF.get(q, q)], lead=_lead(q))
+            check(reference.flat(got[q], lead=_lead(q)), want, q)
     # kflr / kfac: LayerNorm's 1-D leaves get their exact GGN block, the embedding table None
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    blocks = [ref["ggn"].sum(0)[w, w] for w in _slices(params)]
+    blocks = jax.tree.leaves(ref["ggn_blocks"])
     for q, check in (("kflr", _close), ("kfac", _close_mc)):
         factors_per_leaf = jax.tree.leaves(got[q], is_leaf=_is_factors)
         for path, factors, block in zip(paths, factors_per_leaf, blocks, strict=True):

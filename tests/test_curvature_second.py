@@ -1,6 +1,7 @@
 """The second-part quantities of curvature.value_and_grad against brute force: GGN blocks from
-jax.jacrev and jax.hessian of an independently written loss, Hessian diagonals from
-jax.hessian, Kronecker factors from hand-written layer inputs and Jacobians."""
+jax.jacrev and jax.hessian of an independently written loss and Hessian diagonals from
+jax.hessian (tests/reference.py), Kronecker factors from hand-written layer inputs and
+Jacobians."""
 
 from __future__ import annotations
 
@@ -11,20 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
 from jaxopt_suite import curvature, kronecker
 from jaxopt_suite.curvature import hessian, kron
+from tests import reference
+from tests.reference import cross_entropy_one as ce_one
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # Compilation dominates these tests: XLA's backend optimisations roughly double it and change
 # nothing checked here.
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 SECOND = ("sqrt_ggn_exact", "kflr", "kfra", "diag_h", "diag_h_batch", "diag_ggn_exact")
-
-
-def ce_one(out, y):
-    return jax.nn.logsumexp(out) - out[y]
 
 
 def act(z):  # smooth activations side by side, with a product of two of them
@@ -98,59 +96,26 @@ def setup(model, shape, n, seed=0):
     x = jax.random.normal(jax.random.key(seed + 1), (n, *shape))
     y = jax.random.randint(jax.random.key(seed + 2), (n,), 0, 3)
     shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.7, s.shape), jnp.float32), shapes)
+    params = reference.random_like(shapes, seed, std=0.7, dtype=jnp.float32)
     return (lambda p, x: model.apply({"params": p}, x)), params, x, y
 
 
 def brute(apply, params, x, y):
-    """Full Hessian and GGN of the mean cross-entropy, and per-sample Hessian diagonals, by
-    jax.hessian / jax.jacrev of each sample's term (one jitted function)."""
-    flat, unravel = ravel_pytree(params)
-    n = x.shape[0]
-
-    @fast_jit
-    def run(flat, x, y):
-        def sample(xy):
-            xi, yi = xy
-            out_fn = lambda v: apply(unravel(v), xi[None])[0]
-            term = lambda v: ce_one(out_fn(v), yi) / n
-            jac = jax.jacrev(out_fn)(flat)
-            h_out = jax.hessian(ce_one)(out_fn(flat), yi) / n
-            return jax.hessian(term)(flat), jac.T @ h_out @ jac
-
-        hessians, ggns = jax.lax.map(sample, (x, y))
-        return hessians.sum(0), ggns.sum(0), jax.vmap(jnp.diag)(hessians)
-
-    hess, ggn, per_sample = run(flat, x, y)
-    return flat, unravel, hess, ggn, per_sample
-
-
-def blocks(params, matrix):
-    """Per-leaf diagonal blocks of a (P, P) matrix in ravel_pytree order."""
-    leaves = jax.tree.leaves(params)
-    out, start = [], 0
-    for leaf in leaves:
-        end = start + leaf.size
-        out.append(matrix[start:end, start:end])
-        start = end
-    return jax.tree.unflatten(jax.tree.structure(params), out)
+    """Brute force for the mean cross-entropy: GGN (blocks) and Hessian diagonals, per sample
+    and summed (tests/reference.py)."""
+    return reference.quantities(apply, params, x, y, "cross_entropy", full_ggn=True, hessian=True)
 
 
 def close(a, b, **tol):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), **(tol or TOL))
 
 
-def check_diagonals(extras, params, unravel, hess, per_sample):
-    for got, want in zip(
-        jax.tree.leaves(extras["diag_h"]), jax.tree.leaves(unravel(jnp.diag(hess))), strict=True
-    ):
-        close(got, want)
-    want_batch = jax.vmap(unravel)(per_sample)
-    for got, want in zip(
-        jax.tree.leaves(extras["diag_h_batch"]), jax.tree.leaves(want_batch), strict=True
-    ):
-        close(got, want)
+def check_diagonals(extras, ref):
+    for name in ("diag_h", "diag_h_batch"):
+        for got, want in zip(
+            jax.tree.leaves(extras[name]), jax.tree.leaves(ref[name]), strict=True
+        ):
+            close(got, want)
 
 
 def run(apply, params, x, y, quantities, **kw):
@@ -167,8 +132,8 @@ def test_mlp_every_new_quantity_both_paths():
     # tanh, gelu's tanh, x^3 and x * tanh(.), softplus's exp and log1p, the sigmoids, and the
     # product softplus * sigmoid: diag_h from the elementwise mechanism, not the fallback
     assert len(hessian.instrument(apply, (True, False), params, x).sites) >= 8
-    _, unravel, hess, ggn, per_sample = brute(apply, params, x, y)
-    ggn_blocks = blocks(params, ggn)
+    ref = brute(apply, params, x, y)
+    ggn_blocks = ref["ggn_blocks"]
     n = x.shape[0]
 
     @fast_jit
@@ -188,19 +153,18 @@ def test_mlp_every_new_quantity_both_paths():
         return x.T @ x / n, h.T @ h / n, g1, g2, g1_kfra
 
     a1, a2, g1, g2, g1_kfra = by_hand(params, x, y)
-    _, _, reference = fast_jit(
+    _, _, mlp_factors = fast_jit(
         lambda p, x, y: kronecker.mlp_value_grad_and_factors(p, x, y, activation=act)
     )(params, x, y)
 
     for structured in (True, False):
         extras = run(apply, params, x, y, SECOND, structured=structured)
-        check_diagonals(extras, params, unravel, hess, per_sample)
+        check_diagonals(extras, ref)
         for v, block in zip(
             jax.tree.leaves(extras["sqrt_ggn_exact"]), jax.tree.leaves(ggn_blocks), strict=True
         ):
             assert v.shape[:2] == (3, n)
-            flat_v = v.reshape(-1, block.shape[0])
-            close(flat_v.T @ flat_v, block)
+            close(reference.square_root_gram(v.reshape(3, n, -1), per_sample=False), block)
         kflr = extras["kflr"]
         close(kflr["Dense_0"]["bias"][0], ggn_blocks["Dense_0"]["bias"])
         close(kflr["Dense_1"]["bias"][0], ggn_blocks["Dense_1"]["bias"])
@@ -212,7 +176,7 @@ def test_mlp_every_new_quantity_both_paths():
         close(kflr["Dense_0"]["kernel"][1], g1)
         close(kflr["Dense_1"]["kernel"][1], g2)
         for name in ("Dense_0", "Dense_1"):
-            for got, want in zip(kflr[name]["kernel"], reference[name]["kernel"], strict=True):
+            for got, want in zip(kflr[name]["kernel"], mlp_factors[name]["kernel"], strict=True):
                 close(got, want)
         kfra = extras["kfra"]
         close(kfra["Dense_0"]["kernel"][0], a1)
@@ -223,8 +187,7 @@ def test_mlp_every_new_quantity_both_paths():
 
 def test_batch_of_one_kronecker_product_is_the_exact_ggn_block():
     apply, params, x, y = setup(MLP(), (2,), 1, seed=3)
-    _, _, _, ggn, _ = brute(apply, params, x, y)
-    want = blocks(params, ggn)
+    want = reference.ggn_blocks(apply, params, x, y, "cross_entropy")
     extras = run(apply, params, x, y, ("kflr", "kfra"))
     for q in ("kflr", "kfra"):
         for name in ("Dense_0", "Dense_1"):
@@ -260,10 +223,10 @@ def test_kfac_and_sqrt_ggn_mc_converge_to_exact():
 def test_conv_factors_backpack_convention_and_diag_h():
     apply, params, x, y = setup(CNN(), (3, 4, 2), 2, seed=5)
     assert len(hessian.instrument(apply, (True, False), params, x).sites) == 2
-    _, unravel, hess, ggn, per_sample = brute(apply, params, x, y)
+    ref = brute(apply, params, x, y)
     extras = run(apply, params, x, y, ("kflr", "diag_h", "diag_h_batch", "sqrt_ggn_exact"))
-    check_diagonals(extras, params, unravel, hess, per_sample)
-    ggn_blocks = blocks(params, ggn)
+    check_diagonals(extras, ref)
+    ggn_blocks = ref["ggn_blocks"]
     # A: patches under each output position (kernel row-major (kh, kw, c_in)), by hand; SAME
     # padding for a 2x2 kernel pads 0 before and 1 after; stride (2, 1).
     xp = np.pad(np.asarray(x), ((0, 0), (0, 1), (0, 1), (0, 0)))
@@ -278,8 +241,9 @@ def test_conv_factors_backpack_convention_and_diag_h():
     close(a, patches.T @ patches / 2)
     close(g, ggn_blocks["Conv_0"]["bias"])
     close(extras["kflr"]["Conv_0"]["bias"][0], ggn_blocks["Conv_0"]["bias"])
-    v = extras["sqrt_ggn_exact"]["Conv_0"]["kernel"].reshape(-1, 2 * 2 * 2 * 2)
-    close(v.T @ v, ggn_blocks["Conv_0"]["kernel"])
+    v = extras["sqrt_ggn_exact"]["Conv_0"]["kernel"]
+    gram = reference.square_root_gram(v.reshape(*v.shape[:2], 2 * 2 * 2 * 2), per_sample=False)
+    close(gram, ggn_blocks["Conv_0"]["kernel"])
 
 
 # --- the Hessian diagonal beyond the elementwise mechanism -----------------------------------
@@ -293,10 +257,8 @@ def test_diag_h_layernorm_and_generic_fallback(model):
     else:
         with pytest.raises(hessian.Unsupported, match="dot_general"):
             hessian.instrument(apply, (True, False), params, x)
-    _, unravel, hess, _, per_sample = brute(apply, params, x, y)
-    check_diagonals(
-        run(apply, params, x, y, ("diag_h", "diag_h_batch")), params, unravel, hess, per_sample
-    )
+    ref = reference.quantities(apply, params, x, y, "cross_entropy", hessian=True)
+    check_diagonals(run(apply, params, x, y, ("diag_h", "diag_h_batch")), ref)
 
 
 def test_diag_h_of_a_relu_network_is_the_ggn_diagonal():

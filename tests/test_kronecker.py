@@ -1,4 +1,5 @@
-"""Kronecker factors against brute-force GGN blocks; the preconditioner against dense solves."""
+"""Kronecker factors against brute-force GGN blocks (tests/reference.py); the preconditioner
+against dense solves."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from jaxopt_suite import kronecker, zoo
 from jaxopt_suite.curvature import products
+from tests import reference
 
 ATOL = RTOL = 1e-5
 
@@ -32,23 +34,6 @@ def _setup(n, loss="cross_entropy", seed=0):
     return model, params, x, y
 
 
-def _loss_value(loss, reduction, out, y):
-    if loss == "cross_entropy":
-        terms = optax.softmax_cross_entropy_with_integer_labels(out, y)
-    else:
-        terms = (out - y) ** 2
-    return terms.mean() if reduction == "mean" else terms.sum()
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _brute_blocks(model, loss, reduction, params, x, y):
-    """GGN block J^T H J of every parameter leaf, J by jax.jacrev, vectorised row-major."""
-    out = model.apply({"params": params}, x).reshape(-1)
-    hess = jax.hessian(lambda o: _loss_value(loss, reduction, o.reshape(x.shape[0], -1), y))(out)
-    jac = jax.jacrev(lambda p: model.apply({"params": p}, x).reshape(-1))(params)
-    return jax.tree.map(lambda j: j.reshape(out.size, -1).T @ hess @ j.reshape(out.size, -1), jac)
-
-
 @pytest.mark.parametrize(("loss", "reduction"), [("cross_entropy", "mean"), ("mse", "sum")])
 def test_kronecker_product_is_the_exact_ggn_block_at_batch_size_one(loss, reduction):
     model, params, x, y = _setup(1, loss)
@@ -61,7 +46,8 @@ def test_kronecker_product_is_the_exact_ggn_block_at_batch_size_one(loss, reduct
         )
     )
     _, _, factors = fn(params, x, y)
-    blocks = _brute_blocks(model, loss, reduction, params, x, y)
+    apply_fn = lambda p, inputs: model.apply({"params": p}, inputs)
+    blocks = reference.ggn_blocks(apply_fn, params, x, y, loss, reduction)
     for layer in ("Dense_0", "Dense_1"):
         a, g = factors[layer]["kernel"]
         np.testing.assert_allclose(jnp.kron(a, g), blocks[layer]["kernel"], atol=ATOL, rtol=RTOL)
@@ -76,7 +62,7 @@ def test_factors_at_batch_size_n_match_their_definitions():
         functools.partial(kronecker.mlp_value_grad_and_factors, activation=jnp.tanh)
     )(params, x, y)
     # the value and gradient of the model written with flax
-    ref_loss = lambda p: _loss_value("cross_entropy", "mean", model.apply({"params": p}, x), y)
+    ref_loss = lambda p: reference.batch_loss("cross_entropy")(model.apply({"params": p}, x), y)
     ref_value, ref_grads = jax.value_and_grad(ref_loss)(params)
     np.testing.assert_allclose(value, ref_value, atol=ATOL, rtol=RTOL)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):

@@ -1,8 +1,7 @@
-"""Matrix-free products and Hutchinson diagonals against brute-force autodiff on tiny problems."""
+"""Matrix-free products and Hutchinson diagonals against brute-force autodiff on tiny problems
+(tests/reference.py: the GGN, the losses written independently of the library)."""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from jaxopt_suite.curvature import products
+from tests import reference
 
 ATOL = RTOL = 1e-5
 
@@ -43,35 +43,6 @@ def _targets(loss, key, outputs):
     return jax.random.uniform(key, outputs.shape)
 
 
-def _reference_loss(loss, reduction):
-    """The batch loss written out independently (numpy-style formulas, PyTorch semantics)."""
-
-    def fn(out, y):
-        if loss == "cross_entropy":
-            logp = out - jax.scipy.special.logsumexp(out, axis=-1, keepdims=True)
-            terms = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
-        elif loss == "mse":
-            terms = (out - y) ** 2
-        elif loss == "bce_with_logits":
-            terms = jnp.log1p(jnp.exp(out)) - y * out
-        else:
-            terms = jax.vmap(loss)(out, y)
-        return terms.mean() if reduction == "mean" else terms.sum()
-
-    return fn
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 5))
-def _brute_ggn(apply_fn, loss, params, x, y, reduction):
-    """G = J^T H J with J from jax.jacrev of the model and H from jax.hessian of the loss."""
-    flat, unravel = ravel_pytree(params)
-    outputs = apply_fn(params, x)
-    jac = jax.jacrev(lambda f: apply_fn(unravel(f), x))(flat).reshape(outputs.size, flat.size)
-    ref = _reference_loss(loss, reduction)
-    hess = jax.hessian(lambda o: ref(o.reshape(outputs.shape), y))(outputs.reshape(-1))
-    return jac.T @ hess @ jac
-
-
 def _callable_loss(out, y):
     # a per-sample loss whose output Hessian is dense and not of any named form
     return jnp.sum((out - y) ** 2) + 0.5 * jnp.sum(out) ** 2 + jnp.sum(jnp.cos(out))
@@ -94,7 +65,7 @@ def test_ggn_vector_product_matches_jacobian_hessian_jacobian(loss, reduction):
     x = jax.random.normal(jax.random.key(1), (5, 3))
     loss_arg = _callable_loss if loss == "callable" else loss
     y = _targets(loss, jax.random.key(2), _mlp(params, x))
-    ggn = _brute_ggn(_mlp, loss_arg, params, x, y, reduction)
+    ggn = reference.ggn_matrix(_mlp, params, x, y, loss_arg, reduction)
     flat, unravel = ravel_pytree(params)
     vs = jax.random.normal(jax.random.key(10), (3, flat.size))
 
@@ -111,7 +82,7 @@ def test_ggn_over_a_sequence_axis_counts_every_position():
     params = _mlp_params(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (2, 4, 3))
     y = jax.random.randint(jax.random.key(2), (2, 4), 0, 3)
-    ggn = _brute_ggn(_mlp, "cross_entropy", params, x, y, "mean")
+    ggn = reference.ggn_matrix(_mlp, params, x, y, "cross_entropy", "mean")
     flat, unravel = ravel_pytree(params)
     v = jax.random.normal(jax.random.key(3), flat.shape)
     gv = jax.jit(products.ggn_vector_product, static_argnums=(0, 1))(
@@ -133,13 +104,37 @@ def test_ggn_equals_hessian_for_a_linear_model():
     np.testing.assert_allclose(gv.reshape(-1), hess @ v.reshape(-1), atol=ATOL, rtol=RTOL)
 
 
+def test_reference_matches_closed_forms_on_a_linear_model():
+    """tests/reference.py itself: for f = x W with mse (mean over N·D) the GGN and the Hessian
+    are 2 / (N D) Σₙ xₙ xₙᵀ ⊗ I (W row-major), sample n's gradient is 2 / (N D) xₙ rₙᵀ with
+    residual rₙ, the value the mean of the squared residuals."""
+    w = jax.random.normal(jax.random.key(0), (3, 2))
+    x = jax.random.normal(jax.random.key(1), (4, 3))
+    y = jax.random.normal(jax.random.key(2), (4, 2))
+    apply_fn = lambda p, inp: inp @ p
+    xs = np.asarray(x, np.float64)
+    closed = 2.0 / 8.0 * np.kron(xs.T @ xs, np.eye(2))
+    ref = reference.quantities(apply_fn, w, x, y, "mse", full_ggn=True, hessian=True)
+    np.testing.assert_allclose(ref["ggn"], closed, atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(
+        reference.hessian_matrix(apply_fn, w, x, y, "mse"), closed, atol=ATOL, rtol=RTOL
+    )
+    np.testing.assert_allclose(ref["diag_h"], np.diag(closed).reshape(3, 2), atol=ATOL, rtol=RTOL)
+    residual = np.asarray(x @ w - y, np.float64)
+    np.testing.assert_allclose(ref["value"], np.mean(residual**2), atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(ref["grad"], 2.0 / 8.0 * xs.T @ residual, atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(
+        ref["grad_batch"], 2.0 / 8.0 * np.einsum("ni,nj->nij", xs, residual), atol=ATOL, rtol=RTOL
+    )
+
+
 def test_hessian_vector_product_matches_jax_hessian():
     params = _mlp_params(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (5, 3))
     y = jax.random.randint(jax.random.key(2), (5,), 0, 3)
-    loss_fn = lambda p, inp, lab: _reference_loss("cross_entropy", "mean")(_mlp(p, inp), lab)
+    loss_fn = lambda p, inp, lab: reference.batch_loss("cross_entropy", "mean")(_mlp(p, inp), lab)
     flat, unravel = ravel_pytree(params)
-    hess = jax.jit(jax.hessian(lambda f: loss_fn(unravel(f), x, y)))(flat)
+    hess = reference.hessian_matrix(_mlp, params, x, y, "cross_entropy", "mean")
     v = jax.random.normal(jax.random.key(3), flat.shape)
     hv = jax.jit(lambda v: products.hessian_vector_product(loss_fn, params, unravel(v), x, y))(v)
     np.testing.assert_allclose(ravel_pytree(hv)[0], hess @ v, atol=ATOL, rtol=RTOL)
@@ -175,7 +170,7 @@ def test_loss_hessian_sqrt_squares_to_the_output_hessian(loss, out_shape, reduct
     cols = products.loss_hessian_sqrt(loss_arg, outputs, targets, reduction)
     n = out_shape[0]
     s = cols.reshape(cols.shape[0], n, -1)  # (K, N, D): column k of every sample
-    ref = _reference_loss(loss_arg, reduction)
+    ref = reference.batch_loss(loss_arg, reduction)
     hess = jax.jit(jax.hessian(lambda o: ref(o.reshape(out_shape), targets)))(outputs.reshape(-1))
     blocks = np.asarray(hess).reshape(n, s.shape[-1], n, s.shape[-1])
     for i in range(n):  # the loss is a sum over samples: H is block diagonal, S_n S_n^T = H_n
@@ -193,7 +188,7 @@ def test_monte_carlo_sqrt_is_unbiased(loss):
     )
     # sqrt(1/M) is folded into the columns: s^T s averages the M draws
     s = cols.reshape(m, -1)
-    ref = _reference_loss(loss_arg, "sum")
+    ref = reference.batch_loss(loss_arg, "sum")
     hess = jax.jit(jax.hessian(lambda o: ref(o.reshape(2, 3), targets)))(outputs.reshape(-1))
     # entries of s s^T are means of m products with variance <= E[s^4]; 5 sigma of the largest
     bound = 5 * np.sqrt(np.max(np.sum(np.asarray(s) ** 4, 0))) + 1e-6
@@ -244,10 +239,9 @@ def test_hutchinson_of_the_ggn_and_the_hessian_approach_their_diagonals():
     params = _mlp_params(jax.random.key(0), sizes=(3, 3, 2))
     x = jax.random.normal(jax.random.key(1), (4, 3))
     y = jax.random.randint(jax.random.key(2), (4,), 0, 2)
-    flat, unravel = ravel_pytree(params)
-    ggn = np.asarray(_brute_ggn(_mlp, "cross_entropy", params, x, y, "mean"))
-    loss_fn = lambda p: _reference_loss("cross_entropy", "mean")(_mlp(p, x), y)
-    hess = np.asarray(jax.jit(jax.hessian(lambda f: loss_fn(unravel(f))))(flat))
+    ggn = np.asarray(reference.ggn_matrix(_mlp, params, x, y, "cross_entropy", "mean"))
+    loss_fn = lambda p: reference.batch_loss("cross_entropy", "mean")(_mlp(p, x), y)
+    hess = reference.hessian_matrix(_mlp, params, x, y, "cross_entropy", "mean")
     num = 3000
 
     @jax.jit
@@ -304,11 +298,13 @@ def test_engine_diagonal_estimator_gives_sophia_the_hessian_diagonal():
     params = _mlp_params(jax.random.key(0), sizes=(3, 2, 2))
     x = jax.random.normal(jax.random.key(1), (4, 3))
     y = jax.random.randint(jax.random.key(2), (4,), 0, 2)
-    flat, unravel = ravel_pytree(params)
-    loss_fn = lambda f: _reference_loss("cross_entropy", "mean")(_mlp(unravel(f), x), y)
+    _, unravel = ravel_pytree(params)
+    loss_fn = lambda f: reference.batch_loss("cross_entropy", "mean")(_mlp(unravel(f), x), y)
     want = {
-        "diag_h": np.diag(jax.jit(jax.hessian(loss_fn))(flat)),
-        "diag_ggn_exact": np.diag(_brute_ggn(_mlp, "cross_entropy", params, x, y, "mean")),
+        "diag_h": np.diag(reference.hessian_matrix(_mlp, params, x, y, "cross_entropy", "mean")),
+        "diag_ggn_exact": np.diag(
+            reference.ggn_matrix(_mlp, params, x, y, "cross_entropy", "mean")
+        ),
     }
     assert not np.allclose(want["diag_h"], want["diag_ggn_exact"], atol=1e-3)
     for quantity, diagonal in want.items():
