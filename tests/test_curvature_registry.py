@@ -1,6 +1,7 @@
-"""The rule registry: the worked example of ``docs/curvature_rules.md`` (a user's elementwise
-``Scale`` layer) registered and checked against brute-force autodiff, and malformed or
-duplicate registrations refused."""
+"""The rule registry and the engine's options: the worked example of
+``docs/curvature_rules.md`` (a user's elementwise ``Scale`` layer) registered and checked
+against brute-force autodiff, malformed or duplicate registrations refused, and every
+``EngineConfig`` switch leaving the values unchanged."""
 
 import flax.linen as nn
 import jax
@@ -162,3 +163,63 @@ def test_malformed_or_duplicate_rules_are_refused(scale_rule):
         curvature.register_rule(SameClass())
     assert "scale_again" not in curvature.registered_kinds()
     assert "no_interception" not in curvature.registered_kinds()
+
+
+class _SmallCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x (N, 8, 8, 1)
+        h = nn.max_pool(nn.relu(nn.Conv(3, (3, 3))(x)), (2, 2), strides=(2, 2))
+        h = nn.LayerNorm()(h.reshape(h.shape[0], -1))
+        return nn.Dense(4)(jnp.tanh(nn.Dense(6)(h)))
+
+
+def test_every_option_leaves_the_values_unchanged():
+    model = _SmallCNN()
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+    y = jnp.array([0, 3, 1])
+    params = model.init(jax.random.key(1), x)["params"]
+    apply = lambda p, x: model.apply({"params": p}, x)
+    quantities = ("sum_grad_squared", "diag_ggn_exact", "diag_ggn_exact_batch", "diag_h", "kflr")
+    variants = [
+        curvature.EngineConfig(),
+        curvature.EngineConfig(
+            column_groups=1,
+            kernel_grad_from_patches=False,
+            per_sample_product=0,
+            conv_few_weights=False,
+            sample_chunk_bytes=64,
+            residual_chunk=3,
+            banded_conv_cotangent=False,
+        ),
+        curvature.EngineConfig(column_groups=16, unroll_columns=2),
+        curvature.EngineConfig(kinds=("dense",)),
+    ]
+    results = []
+    for config in variants:
+        # the generic path has no Kronecker factors for a conv kernel: no kflr without rules
+        wanted = quantities if config.kinds is None else quantities[:-1]
+        fn = curvature.value_and_grad(apply, loss="cross_entropy", quantities=wanted, config=config)
+        results.append(jax.jit(fn)(params, x, y))
+    for value, grads, extras in results[1:]:
+        want = (results[0][0], results[0][1], {q: results[0][2][q] for q in extras})
+        for w, g in zip(
+            jax.tree.leaves(want), jax.tree.leaves((value, grads, extras)), strict=True
+        ):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_engine_config_is_a_checked_frozen_value():
+    config = curvature.EngineConfig(column_groups=2, kinds=["dense"])
+    assert config.kinds == ("dense",)
+    assert hash(config) == hash(curvature.EngineConfig(column_groups=2, kinds=("dense",)))
+    with pytest.raises(AttributeError):
+        config.column_groups = 3
+    with pytest.raises(ValueError, match="column_groups"):
+        curvature.EngineConfig(column_groups=0)
+    with pytest.raises(ValueError, match="residual_chunk"):
+        curvature.EngineConfig(residual_chunk=0)
+    apply = lambda p, x: x @ p
+    with pytest.raises(TypeError, match="config must be an EngineConfig"):
+        curvature.value_and_grad(apply, loss="mse", config={"column_groups": 2})
+    with pytest.raises(ValueError, match=r"no rule for kinds \['dens'\]"):
+        curvature.value_and_grad(apply, loss="mse", config=curvature.EngineConfig(kinds=("dens",)))

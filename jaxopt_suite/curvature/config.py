@@ -18,7 +18,7 @@ class EngineConfig:
       column_groups: groups in which the loss-Hessian columns of ``diag_ggn_exact`` /
         ``diag_ggn_mc`` are backpropagated, one ``jax.vmap`` of the VJP per group
         (:func:`~jaxopt_suite.curvature.backprop.backpropagate_columns`); None: one group per
-        CPU core the process may use (at least two); K (the number of columns) or more: one
+        CPU core the process may use. At least two groups (for K > 1 columns); K or more: one
         VJP call per column.
       unroll_columns: up to this many columns are backpropagated in groups; more go through a
         sequential ``lax.map`` (bounded memory).

@@ -16,6 +16,7 @@ from jax.extend.core import Var
 
 from jaxopt_suite._typing import PyTree
 from jaxopt_suite.curvature import layers
+from jaxopt_suite.curvature.rules.base import check_kinds
 
 #: The kind :func:`coverage` reports for leaves no rule serves.
 GENERIC = "generic"
@@ -139,6 +140,9 @@ def coverage(
       inputs: a batch.
       kinds: the kinds that get their rule (``EngineConfig.kinds``); None: every registered one.
 
+    Raises:
+      ValueError: a kind in ``kinds`` without a rule.
+
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp
       >>> model = nn.Sequential([nn.Embed(5, 3), nn.LayerNorm()])
@@ -147,6 +151,7 @@ def coverage(
       >>> coverage(lambda p, x: model.apply({"params": p}, x), params, tokens)["layers_1"]
       {'bias': 'layernorm', 'scale': 'layernorm'}
     """
+    check_kinds(kinds)
     leaves, treedef = jax.tree.flatten(params)
     batch = jax.tree.leaves(inputs)[0].shape[0]
     owner = owners(calls := discover(apply_fn, leaves, treedef, inputs, batch, kinds))

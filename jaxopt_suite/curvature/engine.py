@@ -26,7 +26,7 @@ from jaxopt_suite.curvature.config import DEFAULT, EngineConfig
 from jaxopt_suite.curvature.discovery import coverage, owners
 from jaxopt_suite.curvature.discovery import discover as _discover
 from jaxopt_suite.curvature.residual import Residual, generic_hessian
-from jaxopt_suite.curvature.rules.base import low, wide
+from jaxopt_suite.curvature.rules.base import check_kinds, low, wide
 
 ApplyFn = Callable[[PyTree, Any], jax.Array]
 CurvatureFn = Callable[..., tuple[jax.Array, PyTree, dict[str, PyTree]]]
@@ -120,8 +120,9 @@ def value_and_grad(
       A jittable function; ``key`` (a PRNG key) is required by the MC quantities.
 
     Raises:
-      ValueError: an unknown quantity, loss or reduction; ``mc_samples`` < 1; at trace time an
-        MC quantity without ``key`` or targets that don't fit the loss.
+      ValueError: an unknown quantity, loss or reduction; ``mc_samples`` < 1; a kind in
+        ``config.kinds`` without a rule; at trace time an MC quantity without ``key`` or
+        targets that don't fit the loss.
       TypeError: ``config`` is not an :class:`~jaxopt_suite.curvature.EngineConfig`.
 
     Example:
@@ -147,6 +148,7 @@ def value_and_grad(
         raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}")
     if not isinstance(config, EngineConfig):
         raise TypeError(f"config must be an EngineConfig; got {type(config).__name__}")
+    check_kinds(config.kinds)
     spec = _Spec(
         apply_fn,
         loss_obj,

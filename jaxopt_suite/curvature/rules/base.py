@@ -12,6 +12,7 @@ sample) gradients :math:`\hat g_{k,n}` of a leaf (:data:`STATISTICS`, ``columns`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -195,3 +196,10 @@ def get_rule(kind: str) -> LayerRule:
 def registered_kinds() -> tuple[str, ...]:
     """The kinds with a rule, in registration order."""
     return tuple(_RULES)
+
+
+def check_kinds(kinds: Sequence[str] | None) -> None:
+    """Raises ValueError unless every name in ``kinds`` (None: all) has a rule."""
+    unknown = sorted(set(kinds or ()) - set(_RULES))
+    if unknown:
+        raise ValueError(f"no rule for kinds {unknown}; registered: {', '.join(_RULES)}")
