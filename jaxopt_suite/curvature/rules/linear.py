@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxopt_suite.curvature import kron
 from jaxopt_suite.curvature.rules.base import STATISTICS
 
-# Arrays up to this many entries are summed by one reduce (the strided loop costs < 0.1 ms).
+# Arrays up to this many entries are summed by one reduce (the strided loop saves nothing there).
 _SMALL_SUM = 1 << 16
 
 
