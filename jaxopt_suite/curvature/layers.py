@@ -96,10 +96,10 @@ class Recorder:
 
     @contextlib.contextmanager
     def module_scope(self, kernel: Any, bias: Any) -> Iterator[None]:
-        """Around a Dense/Conv module's call, which makes exactly one recorded ``lax`` call:
-        in ``discover`` mode, the named scope of that call's index (its bias is added in the
-        module, outside the ``lax`` call); a module that made another number of calls has its
-        leaves marked shared."""
+        """Around the call of a module found through its ``lax`` call (:class:`OpInterception`:
+        Dense, Conv), which makes exactly one recorded ``lax`` call: in ``discover`` mode, the
+        named scope of that call's index (its bias is added in the module, outside the ``lax``
+        call); a module that made another number of calls has its leaves marked shared."""
         if self.leaf_ids is None:
             yield
             return
