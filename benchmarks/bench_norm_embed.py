@@ -13,7 +13,6 @@ Writes ``benchmarks/results/norm_embed.json`` and ``benchmarks/results/norm_embe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_suite import benchmarking, curvature, train
-from jaxopt_suite.curvature import layers
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -43,15 +41,10 @@ class Block(nn.Module):
         return nn.Dense(self.vocab)(nn.LayerNorm()(h))
 
 
-@contextlib.contextmanager
-def rules_off():
-    """The engine without the LayerNorm/Embed interception (those leaves go generic)."""
-    saved = dict(layers._LINEN_MODULES)
-    layers._LINEN_MODULES.clear()
-    try:
-        yield
-    finally:
-        layers._LINEN_MODULES.update(saved)
+# The engine without the LayerNorm/Embed rules (those leaves go generic).
+RULES_OFF = curvature.EngineConfig(
+    kinds=tuple(k for k in curvature.registered_kinds() if k not in ("layernorm", "embed"))
+)
 
 
 def main() -> None:
@@ -78,18 +71,20 @@ def main() -> None:
     fns = {"gradient": (grad, (params, tokens, targets))}
     checks = {}
     for q in args.quantities:
-        for label, structured, off in (
-            ("rules", True, False),
-            ("without rules", True, True),
-            ("generic only", False, False),
+        for label, structured, config in (
+            ("rules", True, curvature.EngineConfig()),
+            ("without rules", True, RULES_OFF),
+            ("generic only", False, curvature.EngineConfig()),
         ):
             fn = curvature.value_and_grad(
-                apply_fn, loss="cross_entropy", quantities=(q,), structured=structured
+                apply_fn,
+                loss="cross_entropy",
+                quantities=(q,),
+                structured=structured,
+                config=config,
             )
             step = jax.jit(lambda p, x, y, k, fn=fn: fn(p, x, y, key=k))
-            with rules_off() if off else contextlib.nullcontext():
-                step.lower(params, tokens, targets, key).compile()  # traced under the setting
-                out = step(params, tokens, targets, key)[2][q]
+            out = step(params, tokens, targets, key)[2][q]
             fns[f"{q} / {label}"] = (step, (params, tokens, targets, key))
             checks[label] = out
         checks = {k: jax.tree.leaves(v) for k, v in checks.items()}

@@ -384,7 +384,7 @@ def test_conv_rule_over_sample_chunks_matches_per_sample_vjp(monkeypatch):
     """``rules.conv_kernel`` reduces chunks of samples in a loop (here chunks of 2 of 3
     samples: a scan or map plus a zero-padded last chunk): every statistic against
     per-(column, sample) kernel gradients from ``jax.vjp`` of the convolution on one sample."""
-    from jaxopt_suite.curvature import rules
+    from jaxopt_suite.curvature import EngineConfig, rules
     from jaxopt_suite.curvature.layers import ConvConfig, LayerCall
 
     k, n = 2, 3
@@ -400,12 +400,12 @@ def test_conv_rule_over_sample_chunks_matches_per_sample_vjp(monkeypatch):
             "individual_sum_sq": (brute**2).sum(0),
         }
         call = LayerCall("conv", 0, None, out, cfg)
-        monkeypatch.setattr(rules, "_CHUNK_BYTES", 2 * int(np.prod(kshape)) * k * 4)
+        options = EngineConfig(sample_chunk_bytes=2 * int(np.prod(kshape)) * k * 4)
 
         @jax.jit
-        def stats(x, delta, call=call, cfg=cfg):
+        def stats(x, delta, call=call, cfg=cfg, options=options):
             patches = rules.prepare(call, x)
-            return {s: rules.conv_kernel(s, patches, delta, cfg) for s in rules.STATISTICS}
+            return {s: rules.conv_kernel(s, patches, delta, cfg, options) for s in rules.STATISTICS}
 
         for statistic, got in stats(x, delta).items():
             np.testing.assert_allclose(got, want[statistic], **TOL, err_msg=statistic)
@@ -416,14 +416,15 @@ def test_conv_rule_per_sample_sum_sq_matches_per_sample_vjp(monkeypatch):
     (``rules._conv_kernel_sum_sq_per_sample``, taken by the engine for products of at least
     ``rules._PER_SAMPLE_PRODUCT`` entries, lowered here so tiny shapes take it) against
     per-(column, sample) kernel gradients; a grouped convolution keeps the other path."""
-    from jaxopt_suite.curvature import rules
+    from jaxopt_suite.curvature import EngineConfig, rules
     from jaxopt_suite.curvature.layers import ConvConfig, LayerCall
+    from jaxopt_suite.curvature.rules import conv
 
-    monkeypatch.setattr(rules, "_PER_SAMPLE_PRODUCT", 0)
+    options = EngineConfig(per_sample_product=0)
     taken = []
-    per_sample = rules._conv_kernel_sum_sq_per_sample
+    per_sample = conv._conv_kernel_sum_sq_per_sample
     monkeypatch.setattr(
-        rules,
+        conv,
         "_conv_kernel_sum_sq_per_sample",
         lambda *a: taken.append(True) or per_sample(*a),
     )
@@ -444,7 +445,7 @@ def test_conv_rule_per_sample_sum_sq_matches_per_sample_vjp(monkeypatch):
 
         @jax.jit
         def sum_sq(x, delta, call=call, cfg=cfg):
-            return rules.conv_kernel("sum_sq", rules.prepare(call, x), delta, cfg)
+            return rules.conv_kernel("sum_sq", rules.prepare(call, x), delta, cfg, options)
 
         np.testing.assert_allclose(sum_sq(x, delta), (brute**2).sum((0, 1)), **TOL)
         assert bool(taken) == expect_taken

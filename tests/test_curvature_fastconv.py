@@ -179,9 +179,9 @@ def test_columns_in_groups_equal_one_vjp_call_per_column(monkeypatch, groups):
     """``rules.backpropagate_columns`` (groups of columns, one ``jax.vmap`` of the VJP per
     group, concatenated) through the fast conv / max-pool backward passes, against one call of
     the VJP per column; 1, 2, 5 and 7 columns in 2, 3 or one group per column."""
-    from jaxopt_suite.curvature import engine, rules
+    from jaxopt_suite.curvature import EngineConfig, engine, rules
 
-    monkeypatch.setattr(rules, "_COLUMN_GROUPS", groups)
+    config = EngineConfig(column_groups=groups)
     model = _NnxCNN(nnx.Rngs(2))
     graphdef, params = nnx.split(model)
     apply = lambda p, x: nnx.merge(graphdef, p)(x)
@@ -199,7 +199,7 @@ def test_columns_in_groups_equal_one_vjp_call_per_column(monkeypatch, groups):
     out, vjp_fn = jax.vjp(forward, leaves, zeros)
     for k in (1, 2, 5, 7):
         cols = jax.random.normal(jax.random.key(k), (k, *out.shape))
-        got = jax.jit(lambda c: rules.backpropagate_columns(vjp_fn, c))(cols)
+        got = jax.jit(lambda c: rules.backpropagate_columns(vjp_fn, c, config=config))(cols)
         want = jax.jit(lambda c: [vjp_fn(column)[1] for column in c])(cols)
         for i in zeros:
             np.testing.assert_allclose(got[i], np.stack([w[i] for w in want]), **TOL)

@@ -6,9 +6,9 @@ square root of that leaf's GGN block: :math:`G = \sum_{k,n} \operatorname{vec}\h
 \operatorname{vec}\hat g_{k,n}^\top = V V^\top` (exact columns: ``sqrt_ggn_exact``; Monte Carlo
 columns: ``sqrt_ggn_mc``, :math:`\mathbb{E}[V V^\top] = G`).
 
-Structured rules (Dense :math:`\hat g_{k,n} = \sum_t x_{n,t} \delta_{k,n,t}^\top`, bias
-:math:`\sum_t \delta_{k,n,t}`, Conv from the unfolded patches) and a generic per-sample
-``jax.vjp`` equivalent, used for every other leaf and by ``structured=False``.
+The rules give them for their leaves (``LayerRule.columns``, :mod:`jaxopt_suite.curvature.rules`);
+:func:`per_sample_gradients` is the generic per-sample ``jax.vjp`` equivalent, used for every
+other leaf and by ``structured=False``.
 """
 
 from __future__ import annotations
@@ -18,53 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-from jaxopt_suite.curvature.layers import ConvConfig, LayerCall
-
-
-def dense_kernel(x: jax.Array, delta: jax.Array) -> jax.Array:
-    """``(K, N, in, out)``: :math:`\\sum_t x_{n,t} \\delta_{k,n,t}^\\top` for x (N, ..., in)
-    and delta (K, N, ..., out)."""
-    n, k = x.shape[0], delta.shape[0]
-    x = x.reshape(n, -1, x.shape[-1])
-    delta = delta.reshape(k, n, -1, delta.shape[-1])
-    if x.shape[1] == 1:
-        # One outer product per (column, sample), written straight into the (K, N, in, out)
-        # result: as a product with N as its batch axis XLA returned (N, in, K, out) and then
-        # transposed it, a second pass over the largest array of the quantity.
-        return x[None, :, 0, :, None] * delta[:, :, 0, None, :]
-    # (K, N) both batch axes of the product, so that it comes out in the result's layout.
-    return jnp.einsum("knti,knto->knio", jnp.broadcast_to(x, (k, *x.shape)), delta)
-
-
-def bias(delta: jax.Array) -> jax.Array:
-    """``(K, N, out)``: the bias gradient :math:`\\sum_t \\delta_{k,n,t}` of every column."""
-    k, n = delta.shape[:2]
-    return delta.reshape(k, n, -1, delta.shape[-1]).sum(axis=2)
-
-
-def conv_kernel(patches: jax.Array, delta: jax.Array, config: ConvConfig) -> jax.Array:
-    """``(K, N, *kernel_spatial, C_in / G, C_out)`` from patches (N, P, S, C_in) (see
-    :func:`jaxopt_suite.curvature.rules.prepare`) and delta (K, N, ..., C_out)."""
-    k, n = delta.shape[:2]
-    groups = config.feature_group_count
-    s, c_in = patches.shape[-2:]
-    c_out = delta.shape[-1]
-    cg, og = c_in // groups, c_out // groups
-    lhs = patches.reshape(n, -1, s, groups, cg)  # (N, P, S, G, Cg)
-    rhs = delta.reshape(k, n, -1, groups, og)  # (K, N, P, G, Og)
-    grads = jnp.einsum("npsgc,knpgo->knscgo", lhs, rhs)
-    return grads.reshape(k, n, *config.kernel_spatial, cg, c_out)
-
-
-def layer_columns(call: LayerCall, role: str, prepared: jax.Array, delta: jax.Array) -> jax.Array:
-    """The ``columns`` statistic of one leaf of a recognised layer (``role`` ``"kernel"`` or
-    ``"bias"``; ``prepared`` from :func:`jaxopt_suite.curvature.rules.prepare`)."""
-    if role == "bias":
-        return bias(delta)
-    if call.kind == "dense":
-        return dense_kernel(prepared, delta)
-    return conv_kernel(prepared, delta, call.conv)
 
 
 def per_sample_gradients(

@@ -2,10 +2,10 @@ r"""Cheaper backward passes for the engine's own trace: convolutions and max-poo
 
 The engine backpropagates the gradient and every loss-Hessian column (10 for
 ``diag_ggn_exact`` with 10 classes) through the model. On XLA:CPU two backward operations
-dominate that work on convolutional networks (measured on the BackPACK CNN, N = 64, 10
-columns): a convolution's input cotangent (a transposed convolution, ~25 GFLOP/s) and
-max-pooling's transpose (``select_and_scatter_add``, ~6 ms per column). Inside the engine's
-trace only (:func:`jaxopt_suite.curvature.layers.recording` with ``fast=True``), both are
+dominate that work on convolutional networks: a convolution's input cotangent (a transposed
+convolution) and max-pooling's transpose (``select_and_scatter_add``). Inside the engine's
+trace only (:func:`jaxopt_suite.curvature.layers.recording` with ``fast=True``; the
+convolution's only with ``EngineConfig.banded_conv_cotangent``), both are
 replaced by :func:`jax.custom_vjp` wrappers whose forward is the user's operation, unchanged
 bit for bit, and whose backward computes the same cotangents another way:
 

@@ -1,48 +1,40 @@
-r"""The structured path: finding Dense, Conv, LayerNorm and Embed layers while a model is traced.
+r"""Intercepting layers while a model is traced: the recorder behind discovery.
 
-**Finding layers.** While ``apply_fn`` is traced inside :func:`recording`, every call of a flax
-linen ``nn.Dense`` / ``nn.Conv`` (through ``flax.linen.intercept_methods``) and of an nnx
-``nnx.Linear`` / ``nnx.Conv`` (through a patch of their ``__call__`` that lasts only for the
-trace) routes its ``lax.dot_general`` / ``lax.conv_general_dilated`` through a recorder. The
-recorder identifies the layer's kernel and bias among the leaves of ``params`` by object
-identity (flax hands the very arrays of ``params`` to the layer), reads the exact linear map
-(contraction, strides, padding, dilations, feature groups) from the ``lax`` call, and, when
-asked, records the layer input :math:`x` and adds a zero perturbation :math:`\varepsilon` to
-the layer output :math:`z`. The cotangent of :math:`\varepsilon` is :math:`\partial L/\partial
-z = \delta`, the quantity every rule below consumes.
+Each registered rule (:mod:`jaxopt_suite.curvature.rules`) names how its layers are found
+(:func:`intercept`), in one of two ways:
 
-Two more layer kinds are found at the level of the module call (linen ``nn.LayerNorm`` /
-``nn.Embed`` through the same interception, nnx ``nnx.LayerNorm`` / ``nnx.Embed`` through the
-same patch): the recorder adds the zero perturbation to the module's output and records
+* :class:`OpInterception` (Dense, Conv): every call of a flax linen ``nn.Dense`` / ``nn.Conv``
+  (through ``flax.linen.intercept_methods``) and of an nnx ``nnx.Linear`` / ``nnx.Conv``
+  (through a patch of their ``__call__`` that lasts only for the trace) routes its
+  ``lax.dot_general`` / ``lax.conv_general_dilated`` through the recorder, which reads the
+  exact linear map (contraction, strides, padding, dilations, feature groups) from the ``lax``
+  call;
+* :class:`ModuleInterception` (LayerNorm, Embed, a user's layer): the module's ``__call__``
+  runs through the recorder, and the rule's binder names the module's parameters and what to
+  record (LayerNorm: the normalised input; Embed: the integer indices).
 
-* ``layernorm`` (default ``reduction_axes`` = ``feature_axes`` = -1, no ``mask``, no
-  ``axis_name``): the normalised input :math:`\hat x = (x - \mu) / \sqrt{\sigma^2 +
-  \epsilon}`, computed again in float32 from ``stop_gradient(x)`` (the output is
-  :math:`\hat x \odot \gamma + \beta`, so :math:`\hat x` is all the scale's rule needs);
-  other axes or a mask leave the layer to the generic path;
-* ``embed``: the integer indices (any leading shape).
+The recorder identifies the layer's kernel and bias among the leaves of ``params`` by object
+identity (flax hands the very arrays of ``params`` to the layer) and, when asked, records what
+the rule consumes and adds a zero perturbation :math:`\varepsilon` to the layer output
+:math:`z`. The cotangent of :math:`\varepsilon` is :math:`\partial L/\partial z = \delta`, the
+quantity every rule consumes.
 
 In ``discover`` mode every recognised module call runs inside a ``jax.named_scope`` named by
-:func:`call_tag`, so that the engine can find, in the jaxpr of the traced model, any read of a
-layer's kernel or bias outside its own call (weight tying: a kernel also used transposed, an
-``Embed`` table also used by ``attend`` or in a product): such a leaf gets no structure.
-
-The per-layer derivative rules that consume the recorded inputs and cotangents are in
-:mod:`jaxopt_suite.curvature.rules` (Dense, Conv) and
-:mod:`jaxopt_suite.curvature.rules_norm` (LayerNorm, Embed).
+:func:`call_tag`, so that discovery (:mod:`jaxopt_suite.curvature.discovery`) can find, in the
+jaxpr of the traced model, any read of a layer's kernel or bias outside its own call (weight
+tying: a kernel also used transposed, an ``Embed`` table also used by ``attend`` or in a
+product): such a leaf gets no structure.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from flax import nnx
 from jax import lax
 
 from jaxopt_suite.curvature import fastgrad
@@ -62,7 +54,7 @@ class ConvConfig(NamedTuple):
 class LayerCall(NamedTuple):
     """One recognised layer call: which leaves it owns and how its output is shaped."""
 
-    kind: str  # "dense", "conv", "layernorm" or "embed"
+    kind: str  # the registered kind of its rule (jaxopt_suite.curvature.rules)
     # index among the flattened params leaves of the kernel (LayerNorm: the scale, None without
     # one; Embed: the table)
     kernel: int | None
@@ -82,7 +74,8 @@ class Recorder:
     (``perturbations`` given: call index -> zero array) records ``inputs`` and adds the
     perturbations. Calls are numbered in execution order, which is the same in every trace of
     the same function. ``fast``: convolutions and non-overlapping max-pooling get the backward
-    passes of :mod:`~jaxopt_suite.curvature.fastgrad` (reverse mode only).
+    passes of :mod:`~jaxopt_suite.curvature.fastgrad` (reverse mode only); ``banded``: with
+    ``fast``, 2-D convolutions take the banded input cotangent.
     """
 
     def __init__(
@@ -90,9 +83,11 @@ class Recorder:
         leaf_ids: dict[int, int] | None = None,
         perturbations: dict[int, jax.Array] | None = None,
         fast: bool = False,
+        banded: bool = True,
     ):
         self.leaf_ids = leaf_ids
         self.fast = fast
+        self.banded = banded
         self.perturbations = perturbations or {}
         self.calls: list[LayerCall | None] = []
         self.inputs: dict[int, jax.Array] = {}
@@ -101,10 +96,10 @@ class Recorder:
 
     @contextlib.contextmanager
     def module_scope(self, kernel: Any, bias: Any) -> Iterator[None]:
-        """Around a Dense/Conv module's call, which makes exactly one recorded ``lax`` call:
-        in ``discover`` mode, the named scope of that call's index (its bias is added in the
-        module, outside the ``lax`` call); a module that made another number of calls has its
-        leaves marked shared."""
+        """Around the call of a module found through its ``lax`` call (:class:`OpInterception`:
+        Dense, Conv), which makes exactly one recorded ``lax`` call: in ``discover`` mode, the
+        named scope of that call's index (its bias is added in the module, outside the ``lax``
+        call); a module that made another number of calls has its leaves marked shared."""
         if self.leaf_ids is None:
             yield
             return
@@ -114,17 +109,9 @@ class Recorder:
         if self.counter != index + 1:
             self.shared.update(i for i in (self._leaf(kernel), self._leaf(bias)) if i is not None)
 
-    def module(
-        self,
-        kind: str,
-        call: Callable[[], jax.Array],
-        record: Callable[[], jax.Array] | None,
-        kernel: Any,
-        bias: Any = None,
-        vocab: int | None = None,
-    ) -> jax.Array:
-        """A LayerNorm or Embed call: ``call()`` computes the module's output; ``record()``
-        what its rule consumes (None: the call is not one the rule covers)."""
+    def module(self, kind: str, call: Callable[[], jax.Array], bound: ModuleCall) -> jax.Array:
+        """A module-level call (:class:`ModuleInterception`): ``call()`` computes the module's
+        output; ``bound`` names its parameters and what its rule consumes."""
         index, self.counter = self.counter, self.counter + 1
         if self.leaf_ids is not None:
             with jax.named_scope(call_tag(index)):
@@ -132,26 +119,26 @@ class Recorder:
         else:
             out = call()
         if self.leaf_ids is not None:
-            leaves = [leaf for leaf in (kernel, bias) if leaf is not None]
+            leaves = [leaf for leaf in (bound.kernel, bound.bias) if leaf is not None]
             usable = (
-                record is not None
+                bound.record is not None
                 and bool(leaves)
                 and all(self._leaf(leaf) is not None for leaf in leaves)
-                and _same_trace(record(), leaves[0])
+                and _same_trace(bound.record(), leaves[0])
             )
             self.calls.append(
                 LayerCall(
                     kind,
-                    self._leaf(kernel),
-                    self._leaf(bias),
+                    self._leaf(bound.kernel),
+                    self._leaf(bound.bias),
                     jax.ShapeDtypeStruct(out.shape, out.dtype),
-                    vocab=vocab,
+                    vocab=bound.vocab,
                 )
                 if usable
                 else None
             )
         if index in self.perturbations:
-            self.inputs[index] = record()
+            self.inputs[index] = bound.record()
             return out + self.perturbations[index].astype(out.dtype)
         return out
 
@@ -164,7 +151,10 @@ class Recorder:
             return out + self.perturbations[index]
         return out
 
-    def dense(self, op: Callable, kernel: Any, bias: Any) -> Callable:
+    def dense(self, kind: str, op: Callable, kernel: Any, bias: Any) -> Callable:
+        """``op`` (a ``lax.dot_general``) recorded as a layer of ``kind`` when it contracts
+        the last axis of the input with the first of a 2-D kernel."""
+
         def dot_general(lhs, rhs, dimension_numbers, *args, **kwargs):
             index, self.counter = self.counter, self.counter + 1
             out = op(lhs, rhs, dimension_numbers, *args, **kwargs)
@@ -180,7 +170,7 @@ class Recorder:
                 )
                 self.calls.append(
                     LayerCall(
-                        "dense",
+                        kind,
                         self._leaf(kernel),
                         self._leaf(bias),
                         jax.ShapeDtypeStruct(out.shape, out.dtype),
@@ -192,10 +182,13 @@ class Recorder:
 
         return dot_general
 
-    def conv(self, op: Callable, kernel: Any, bias: Any) -> Callable:
+    def conv(self, kind: str, op: Callable, kernel: Any, bias: Any) -> Callable:
+        """``op`` (a ``lax.conv_general_dilated``) recorded as a layer of ``kind`` when it is a
+        channel-last convolution that the rules can unfold (:class:`ConvConfig`)."""
+
         def conv_general_dilated(lhs, rhs, *args, **kwargs):
             index, self.counter = self.counter, self.counter + 1
-            if self.fast:
+            if self.fast and self.banded:
                 config = _conv_config(lhs, rhs, args, kwargs)
                 out = fastgrad.fast_conv(op, config, lhs, rhs, args, kwargs)
             else:
@@ -210,7 +203,7 @@ class Recorder:
                 )
                 self.calls.append(
                     LayerCall(
-                        "conv",
+                        kind,
                         self._leaf(kernel),
                         self._leaf(bias),
                         jax.ShapeDtypeStruct(out.shape, out.dtype),
@@ -278,71 +271,78 @@ def _conv_config(lhs: jax.Array, rhs: jax.Array, args: tuple, kwargs: dict) -> C
 
 # --- interception ---------------------------------------------------------------------------
 
+
+class ModuleCall(NamedTuple):
+    """What a module-level interception binds for one call of its module."""
+
+    kernel: Any  # the parameter array in the kernel role (LayerNorm: the scale; Embed: the table)
+    bias: Any = None
+    # what the kind's rule consumes (its ``prepare`` input); None: a call the rule doesn't cover
+    record: Callable[[], jax.Array] | None = None
+    vocab: int | None = None  # Embed: rows of the table
+
+
+#: ``(module, args, kwargs) -> ModuleCall``: binds one ``__call__`` of a module.
+Binder = Callable[[Any, tuple, dict], ModuleCall]
+
+
+class ModuleInterception(NamedTuple):
+    """A layer kind found at the level of its module's ``__call__`` (LayerNorm, Embed, a
+    user's layer): the recorder runs the call, adds the zero perturbation to its output and
+    records ``ModuleCall.record()``. ``linen``: linen classes (through
+    ``flax.linen.intercept_methods``) and ``nnx``: nnx classes (``__call__`` patched while a
+    trace runs), each with its binder."""
+
+    linen: Mapping[type, Binder] = {}
+    nnx: Mapping[type, Binder] = {}
+
+
+class OpInterception(NamedTuple):
+    """A layer kind found through the one ``lax`` call its module makes (Dense, Conv): the
+    module attribute ``attr`` (e.g. ``"dot_general"``, defaulting to ``default``) is swapped
+    for ``wrap(recorder, kind, op, kernel, bias)`` during the call (a :class:`Recorder`
+    method such as :meth:`Recorder.dense`)."""
+
+    linen: tuple[type, ...]
+    nnx: tuple[type, ...]
+    attr: str
+    default: Callable
+    wrap: Callable[..., Callable]
+
+
 _ACTIVE: list[Recorder] = []
-_OPS = {
-    "dense": ("dot_general", lax.dot_general),
-    "conv": ("conv_general_dilated", lax.conv_general_dilated),
-}
-_LINEN_KINDS = {nn.Dense: "dense", nn.Conv: "conv"}
-_NNX_KINDS = {nnx.Linear: "dense", nnx.Conv: "conv"}
-_LINEN_MODULES = {nn.LayerNorm: "layernorm", nn.Embed: "embed"}
-_NNX_MODULES = {nnx.LayerNorm: "layernorm", nnx.Embed: "embed"}
+# Interception tables, filled by :func:`intercept` (class -> (kind, binder or interception)).
+_LINEN_OPS: dict[type, tuple[str, OpInterception]] = {}
+_NNX_OPS: dict[type, tuple[str, OpInterception]] = {}
+_LINEN_MODULES: dict[type, tuple[str, Binder]] = {}
+_NNX_MODULES: dict[type, tuple[str, Binder]] = {}
 
 
-def normalised(x: jax.Array, epsilon: float, fast_variance: bool, dtype: Any) -> jax.Array:
-    r"""LayerNorm's normalised input over the last axis, without scale and bias.
+def intercept(kind: str, interception: ModuleInterception | OpInterception) -> None:
+    """Makes :func:`recording` find the layers of ``kind`` as ``interception`` says.
 
-    .. math:: \hat x = (x - \mu) / \sqrt{\sigma^2 + \epsilon}, \quad \mu = \bar x, \quad
-       \sigma^2 = \overline{x^2} - \mu^2 \ (\text{clipped at 0; fast}) \text{ or }
-       \overline{(x - \mu)^2}
-
-    as flax computes it, in float32 at least (``dtype``: the module's, or None for ``x``'s);
-    ``stop_gradient`` on ``x``: only the value is recorded, and it adds no nonlinear nodes to
-    the model's differentiated graph.
-
-    Args:
-      x: the LayerNorm input (..., D).
-      epsilon: the module's epsilon.
-      fast_variance: the module's ``use_fast_variance``.
-      dtype: the module's ``dtype`` (None: ``x.dtype``).
-
-    Returns:
-      :math:`\hat x`, shaped like ``x``.
+    Raises:
+      ValueError: a class already intercepted for another kind.
     """
-    x = lax.stop_gradient(x)
-    x = x.astype(jnp.promote_types(dtype or x.dtype, jnp.float32))
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    if fast_variance:
-        var = jnp.maximum(0.0, jnp.mean(lax.square(x), axis=-1, keepdims=True) - mean**2)
+    if isinstance(interception, OpInterception):
+        tables = [(_LINEN_OPS, dict.fromkeys(interception.linen, interception))]
+        tables.append((_NNX_OPS, dict.fromkeys(interception.nnx, interception)))
+    elif isinstance(interception, ModuleInterception):
+        tables = [(_LINEN_MODULES, interception.linen), (_NNX_MODULES, interception.nnx)]
     else:
-        var = jnp.mean(lax.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * lax.rsqrt(var + epsilon)
-
-
-def _default_axes(ndim: int, axes: Any) -> bool:
-    """True when ``axes`` names the last axis only (LayerNorm's default)."""
-    axes = axes if isinstance(axes, tuple | list) else (axes,)
-    return ndim >= 2 and {ndim + a if a < 0 else a for a in axes} == {ndim - 1}
-
-
-def _layernorm_record(module: Any, x: Any, kwargs: dict) -> Callable[[], jax.Array] | None:
-    """What the LayerNorm rule records, or None when the call is outside it."""
-    if (
-        not isinstance(x, jax.Array)
-        or kwargs.get("mask") is not None
-        or getattr(module, "axis_name", None) is not None
-        or not _default_axes(x.ndim, module.reduction_axes)
-        or not _default_axes(x.ndim, module.feature_axes)
-    ):
-        return None
-    fast = getattr(module, "use_fast_variance", True)
-    return lambda: normalised(x, module.epsilon, fast, module.dtype)
-
-
-def _embed_record(x: Any) -> Callable[[], jax.Array] | None:
-    if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.integer) or x.ndim < 1:
-        return None
-    return lambda: x
+        raise TypeError(
+            "interception must be a ModuleInterception or an OpInterception; got "
+            f"{type(interception).__name__}"
+        )
+    every = (_LINEN_OPS, _NNX_OPS, _LINEN_MODULES, _NNX_MODULES)
+    for _, entries in tables:
+        for cls in entries:
+            taken = [t[cls][0] for t in every if cls in t and t[cls][0] != kind]
+            if taken:
+                raise ValueError(f"{cls.__name__} is already intercepted for kind {taken[0]!r}")
+    for table, entries in tables:
+        for cls, value in entries.items():
+            table[cls] = (kind, value)
 
 
 @contextlib.contextmanager
@@ -361,105 +361,84 @@ def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
 _MISSING = object()
 
 
-def _linen_module(next_fun, args, kwargs, context, kind):
-    """LayerNorm / Embed calls of linen, routed through the active recorder."""
-    module = context.module
-    recorder = _ACTIVE[-1]
-    if context.method_name != "__call__":  # e.g. Embed.attend: a read outside the call
-        return next_fun(*args, **kwargs)
-    if kind == "embed":
-        table = module.get_variable("params", "embedding")
-        record = _embed_record(args[0]) if args else None
-        return recorder.module(
-            kind, lambda: next_fun(*args, **kwargs), record, table, vocab=table.shape[0]
-        )
-    scale = module.get_variable("params", "scale") if module.use_scale else None
-    bias = module.get_variable("params", "bias") if module.use_bias else None
-    record = _layernorm_record(module, args[0], kwargs) if args else None
-    return recorder.module(kind, lambda: next_fun(*args, **kwargs), record, scale, bias)
-
-
 def _linen_interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if _ACTIVE and type(module) in _LINEN_MODULES:
-        return _linen_module(next_fun, args, kwargs, context, _LINEN_MODULES[type(module)])
-    kind = _LINEN_KINDS.get(type(module))
-    if not _ACTIVE or kind is None or context.method_name != "__call__":
+    # only ``__call__``: another method (e.g. ``Embed.attend``) is a read outside the call
+    if not _ACTIVE or context.method_name != "__call__":
         return next_fun(*args, **kwargs)
-    attr, default = _OPS[kind]
+    recorder = _ACTIVE[-1]
+    if type(module) in _LINEN_MODULES:
+        kind, bind = _LINEN_MODULES[type(module)]
+        return recorder.module(kind, lambda: next_fun(*args, **kwargs), bind(module, args, kwargs))
+    if type(module) not in _LINEN_OPS:
+        return next_fun(*args, **kwargs)
+    kind, spec = _LINEN_OPS[type(module)]
     if (
-        getattr(module, f"{attr}_cls", None) is not None
+        getattr(module, f"{spec.attr}_cls", None) is not None
         or getattr(module, "mask", None) is not None
     ):
         return next_fun(*args, **kwargs)
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
-    op = getattr(module, attr) or default
-    recorder = _ACTIVE[-1]
-    wrapped = getattr(recorder, kind)(op, kernel, bias)
-    with _swapped(module, attr, wrapped), recorder.module_scope(kernel, bias):
+    op = getattr(module, spec.attr) or spec.default
+    wrapped = spec.wrap(recorder, kind, op, kernel, bias)
+    with _swapped(module, spec.attr, wrapped), recorder.module_scope(kernel, bias):
         return next_fun(*args, **kwargs)
 
 
-def _nnx_value(variable: Any) -> Any:
+def nnx_value(variable: Any) -> Any:
+    """The array of an nnx ``Variable`` (or ``variable`` itself; None stays None)."""
     if variable is None:
         return None
     return variable.get_value() if hasattr(variable, "get_value") else variable
 
 
-def _nnx_patch(cls: type, kind: str) -> Callable:
+def _nnx_op_patch(cls: type, kind: str, spec: OpInterception) -> Callable:
     original = cls.__call__
-    attr, _ = _OPS[kind]
 
     def __call__(self, *args, **kwargs):
         if not _ACTIVE or type(self) is not cls or getattr(self, "mask", None) is not None:
             return original(self, *args, **kwargs)
-        kernel, bias = _nnx_value(self.kernel), _nnx_value(getattr(self, "bias", None))
+        kernel, bias = nnx_value(self.kernel), nnx_value(getattr(self, "bias", None))
         recorder = _ACTIVE[-1]
-        wrapped = getattr(recorder, kind)(getattr(self, attr), kernel, bias)
-        with _swapped(self, attr, wrapped), recorder.module_scope(kernel, bias):
+        wrapped = spec.wrap(recorder, kind, getattr(self, spec.attr), kernel, bias)
+        with _swapped(self, spec.attr, wrapped), recorder.module_scope(kernel, bias):
             return original(self, *args, **kwargs)
 
     return __call__
 
 
-def _nnx_module_patch(cls: type, kind: str) -> Callable:
+def _nnx_module_patch(cls: type, kind: str, bind: Binder) -> Callable:
     original = cls.__call__
 
     def __call__(self, *args, **kwargs):
         if not _ACTIVE or type(self) is not cls:
             return original(self, *args, **kwargs)
         call = lambda: original(self, *args, **kwargs)
-        if kind == "embed":
-            table = _nnx_value(self.embedding)
-            record = _embed_record(args[0]) if args else None
-            return _ACTIVE[-1].module(kind, call, record, table, vocab=table.shape[0])
-        scale, bias = _nnx_value(self.scale), _nnx_value(self.bias)
-        record = _layernorm_record(self, args[0], kwargs) if args else None
-        return _ACTIVE[-1].module(kind, call, record, scale, bias)
+        return _ACTIVE[-1].module(kind, call, bind(self, args, kwargs))
 
     return __call__
 
 
 @contextlib.contextmanager
 def recording(recorder: Recorder) -> Iterator[Recorder]:
-    """Routes the Dense/Conv/LayerNorm/Embed layers that run inside the block through
-    ``recorder``.
+    """Routes the layers of every intercepted kind (:func:`intercept`) that run inside the
+    block through ``recorder``.
 
     Only meant around the tracing of a pure function: the nnx patch is process-wide while the
     block runs.
     """
-    originals = [(cls, "__call__", cls.__call__) for cls in (*_NNX_KINDS, *_NNX_MODULES)]
+    originals = [(cls, cls.__call__) for cls in (*_NNX_OPS, *_NNX_MODULES)]
     _ACTIVE.append(recorder)
     try:
-        for cls, kind in _NNX_KINDS.items():
-            cls.__call__ = _nnx_patch(cls, kind)
-        for cls, kind in _NNX_MODULES.items():
-            cls.__call__ = _nnx_module_patch(cls, kind)
+        for cls, (kind, spec) in _NNX_OPS.items():
+            cls.__call__ = _nnx_op_patch(cls, kind, spec)
+        for cls, (kind, bind) in _NNX_MODULES.items():
+            cls.__call__ = _nnx_module_patch(cls, kind, bind)
         pooling = fastgrad.patched_pooling() if recorder.fast else contextlib.nullcontext()
         with nn.intercept_methods(_linen_interceptor), pooling:
             yield recorder
     finally:
-        for cls, name, method in originals:
-            setattr(cls, name, method)
+        for cls, method in originals:
+            cls.__call__ = method
         _ACTIVE.pop()

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_suite._typing import PyTree
 from jaxopt_suite.curvature import losses
 
-PyTree = Any
 Loss = str | losses.PerSampleLoss
 MatVec = Callable[[PyTree], PyTree]
 

@@ -13,7 +13,7 @@ per-(column, sample) gradients :math:`\hat g_{k,n} = J_n^\top s_{k,n}`, where th
   nonlinearities (:mod:`~jaxopt_suite.curvature.hessian`), whose statistics add up to the
   Hessian diagonal,
 * ``batch_average``: KFRA's batch-averaged Hessian backpropagated layer to layer
-  (:func:`~jaxopt_suite.curvature.kron.kfra`).
+  (:func:`~jaxopt_suite.curvature.kfra.kfra`).
 
 Besides the first-part statistics of :mod:`~jaxopt_suite.curvature.rules`, ``columns`` keeps
 every :math:`\hat g_{k,n}` (``(K, N, *leaf)``, :mod:`~jaxopt_suite.curvature.columns`) and

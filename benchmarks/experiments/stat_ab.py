@@ -1,10 +1,11 @@
 """Session 5 (notes.md): same-run A/B of the engine's CNN ``diag_ggn_exact`` with the
-per-sample conv statistic off (``old``: threshold raised) and on (``new``); ``new0`` also sends
-``Conv_0`` through it instead of ``_conv_kernel_few_weights``.
+per-sample conv statistic off (``old``: ``EngineConfig.per_sample_product`` raised) and on
+(``new``); ``new0`` also sends ``Conv_0`` through it (``conv_few_weights=False`` and the
+threshold at 0).
 
 From the repository root, under the benchmark lock::
 
-    flock /tmp/jaxopt_bench.lock .venv/bin/python benchmarks/results/curvature/stat_ab.py old,new
+    flock /tmp/jaxopt_bench.lock .venv/bin/python benchmarks/experiments/stat_ab.py old,new
 
 ``R`` sets the repeats.
 """
@@ -17,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_suite import benchmarking, curvature, zoo
-from jaxopt_suite.curvature import rules
 
 N = 64
 key = jax.random.key(0)
@@ -36,7 +36,7 @@ def loss(p, x, y):
 
 
 class Lowered:
-    """A function lowered now (under the current switches), for ``time_interleaved``."""
+    """A function lowered now, for ``time_interleaved``."""
 
     def __init__(self, fn, args):
         self.lowered = jax.jit(fn).lower(*args)
@@ -45,30 +45,24 @@ class Lowered:
         return self.lowered
 
 
-def engine(quantity):
-    f = curvature.value_and_grad(apply, loss="cross_entropy", quantities=(quantity,))
+def engine(quantity, config):
+    f = curvature.value_and_grad(apply, loss="cross_entropy", quantities=(quantity,), config=config)
     return lambda p, x, y, k: f(p, x, y, key=k)
 
 
 args = (params, X, Y, key)
 fns = {"grad": (jax.jit(jax.grad(loss)), args[:3])}
-few_weights = rules._conv_kernel_few_weights
-
-
-def few_weights_per_sample(statistic, p, d, c):
-    if statistic == "sum_sq":
-        return rules._conv_kernel_sum_sq_per_sample(p, d, c)
-    return few_weights(statistic, p, d, c)
-
+VARIANTS = {
+    "old": curvature.EngineConfig(per_sample_product=1 << 62),
+    "new": curvature.EngineConfig(),
+    "new0": curvature.EngineConfig(conv_few_weights=False, per_sample_product=0),
+}
 
 variants = sys.argv[1].split(",") if len(sys.argv) > 1 else ["old", "new"]
 outs = {}
 for v in variants:
-    rules._PER_SAMPLE_PRODUCT = 1 << 62 if v == "old" else 1 << 16
-    rules._conv_kernel_few_weights = few_weights_per_sample if v == "new0" else few_weights
-    fns[v] = (Lowered(engine("diag_ggn_exact"), args), args)
+    fns[v] = (Lowered(engine("diag_ggn_exact", VARIANTS[v]), args), args)
     outs[v] = fns[v][0].lowered.compile()(*args)[2]["diag_ggn_exact"]
-rules._conv_kernel_few_weights = few_weights
 for v in variants[1:]:
     diff = jax.tree.map(
         lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))),

@@ -1,8 +1,9 @@
 """Same-run A/B of the engine with and without the banded conv input cotangent (notes.md).
 
 Run from the repository root under the benchmark lock:
-``flock /tmp/jaxopt_bench.lock .venv/bin/python benchmarks/results/curvature/band_ab.py``
-(``R=11`` sets the repeats). The "noband" variants keep the mask backward of max-pooling.
+``flock /tmp/jaxopt_bench.lock .venv/bin/python benchmarks/experiments/band_ab.py``
+(``R=11`` sets the repeats). The "noband" variants (``EngineConfig(banded_conv_cotangent=False)``)
+keep the mask backward of max-pooling.
 """
 
 import os
@@ -11,7 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxopt_suite import benchmarking, curvature, zoo
-from jaxopt_suite.curvature import fastgrad
 
 N = 64
 key = jax.random.key(0)
@@ -38,17 +38,15 @@ args = (params, X, Y, key)
 fns = {"grad": (jax.jit(jax.grad(loss)), args[:3])}
 
 
-def eng(q):
-    f = curvature.value_and_grad(apply, loss="cross_entropy", quantities=(q,))
+def eng(q, config):
+    f = curvature.value_and_grad(apply, loss="cross_entropy", quantities=(q,), config=config)
     return lambda p, x, y, k: f(p, x, y, key=k)
 
 
-orig = fastgrad.band_supported
+noband = curvature.EngineConfig(banded_conv_cotangent=False)
 for q in ("diag_ggn_exact", "diag_ggn_mc"):
-    fns[q + "_band"] = (Pre(eng(q), args), args)
-    fastgrad.band_supported = lambda *a: False
-    fns[q + "_noband"] = (Pre(eng(q), args), args)
-    fastgrad.band_supported = orig
+    fns[q + "_band"] = (Pre(eng(q, curvature.EngineConfig()), args), args)
+    fns[q + "_noband"] = (Pre(eng(q, noband), args), args)
 print("load", os.getloadavg())
 res = benchmarking.time_interleaved(
     fns, baseline="grad", repeats=int(os.environ.get("R", 11)), number=2

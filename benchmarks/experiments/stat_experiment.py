@@ -4,7 +4,7 @@ statistic (``sum_sq`` over 9 columns, N = 64, 1.8 GFLOP), timed side by side.
 From the repository root, under the benchmark lock::
 
     flock /tmp/jaxopt_bench.lock .venv/bin/python \
-        benchmarks/results/curvature/stat_experiment.py old,new,chunk4,kmid,dk,rowsum
+        benchmarks/experiments/stat_experiment.py old,new,chunk4,kmid,dk,rowsum
 
 Comma-separated candidate names (the first is the baseline); ``R`` sets the repeats,
 ``TIME=0`` only checks the values against ``old``.
@@ -19,8 +19,9 @@ import numpy as np
 from jax import lax
 
 from jaxopt_suite import benchmarking
-from jaxopt_suite.curvature import rules
+from jaxopt_suite.curvature import EngineConfig, rules
 from jaxopt_suite.curvature.layers import ConvConfig
+from jaxopt_suite.curvature.rules import conv
 
 N, K, P, S, C, O = 64, 9, 64, 25, 20, 50
 D = S * C
@@ -32,16 +33,12 @@ cfg = ConvConfig((5, 5), (1, 1), ((0, 0), (0, 0)), (1, 1), (1, 1), 1)
 
 def old(p, d):
     """The chunked batched product (the engine before session 5)."""
-    saved, rules._PER_SAMPLE_PRODUCT = rules._PER_SAMPLE_PRODUCT, 1 << 62
-    try:
-        return rules.conv_kernel("sum_sq", p, d, cfg)
-    finally:
-        rules._PER_SAMPLE_PRODUCT = saved
+    return rules.conv_kernel("sum_sq", p, d, cfg, EngineConfig(per_sample_product=1 << 62))
 
 
 def new(p, d):
     """One 2-D product per sample, squares accumulated elementwise (the engine now)."""
-    return rules._conv_kernel_sum_sq_per_sample(p, d, cfg)
+    return conv._conv_kernel_sum_sq_per_sample(p, d, cfg)
 
 
 def chunked(chunk, mid):

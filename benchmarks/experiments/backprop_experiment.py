@@ -2,7 +2,7 @@
 pieces for 10 columns x 64 samples, plain vs alternative formulations, and the engine.
 
 Run from the repository root, under the benchmark lock:
-``flock /tmp/jaxopt_bench.lock .venv/bin/python benchmarks/results/curvature/backprop_experiment.py
+``flock /tmp/jaxopt_bench.lock .venv/bin/python benchmarks/experiments/backprop_experiment.py
 [all|conv|pool|engine]`` (``R=9`` sets the repeats).
 """
 

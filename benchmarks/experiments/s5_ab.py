@@ -3,8 +3,8 @@ on the BackPACK CNN (N = 64; ``MODEL=mlp``: the MLP, N = 128) with session 5's t
 switched off and on, each variant lowered under its switches and timed interleaved against
 the plain ``jax.value_and_grad``:
 
-* ``old``: one VJP call per loss-Hessian column (``rules._COLUMN_GROUPS`` = 16) and the conv
-  kernel gradient from the convolution's VJP (``engine._KERNEL_GRAD_FROM_PATCHES`` off);
+* ``old``: one VJP call per loss-Hessian column (``EngineConfig(column_groups=16)``) and the
+  conv kernel gradient from the convolution's VJP (``kernel_grad_from_patches=False``);
 * ``groups``: the columns in groups (one ``jax.vmap`` per group, one group per core), kernel
   gradient from the VJP; ``groups3``: three groups;
 * ``kpatch``: one call per column, kernel gradient from the patches;
@@ -12,7 +12,7 @@ the plain ``jax.value_and_grad``:
 
 From the repository root, under the benchmark lock::
 
-    flock /tmp/jaxopt_bench.lock .venv/bin/python benchmarks/results/curvature/s5_ab.py \
+    flock /tmp/jaxopt_bench.lock .venv/bin/python benchmarks/experiments/s5_ab.py \
         diag_ggn_exact old,new
 
 The first argument is a comma-separated list of quantities (each timed in its own round of
@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_suite import benchmarking, curvature, zoo
-from jaxopt_suite.curvature import engine, rules
 
 MODEL = os.environ.get("MODEL", "backpack-cnn")
 N = 128 if MODEL == "mlp" else 64
@@ -37,12 +36,12 @@ X = jax.random.normal(jax.random.key(7), (N, 28, 28, 1))
 Y = jnp.arange(N) % 10
 params = zoo.init_params(model, key)
 
-VARIANTS = {  # (column groups, kernel gradient from the patches)
-    "old": (16, False),
-    "groups": (None, False),
-    "groups3": (3, False),
-    "kpatch": (16, True),
-    "new": (None, True),
+VARIANTS = {
+    "old": curvature.EngineConfig(column_groups=16, kernel_grad_from_patches=False),
+    "groups": curvature.EngineConfig(kernel_grad_from_patches=False),
+    "groups3": curvature.EngineConfig(column_groups=3, kernel_grad_from_patches=False),
+    "kpatch": curvature.EngineConfig(column_groups=16),
+    "new": curvature.EngineConfig(),
 }
 
 
@@ -55,7 +54,7 @@ def loss(p, x, y):
 
 
 class Lowered:
-    """A function lowered now (under the current switches), for ``time_interleaved``."""
+    """A function lowered now, for ``time_interleaved``."""
 
     def __init__(self, fn, args):
         self.lowered = jax.jit(fn).lower(*args)
@@ -64,23 +63,20 @@ class Lowered:
         return self.lowered
 
 
-def engine_fn(quantity):
-    f = curvature.value_and_grad(apply, loss="cross_entropy", quantities=(quantity,))
+def engine_fn(quantity, config):
+    f = curvature.value_and_grad(apply, loss="cross_entropy", quantities=(quantity,), config=config)
     return lambda p, x, y, k: f(p, x, y, key=k)
 
 
 quantities = sys.argv[1].split(",") if len(sys.argv) > 1 else ["diag_ggn_exact"]
 variants = sys.argv[2].split(",") if len(sys.argv) > 2 else ["old", "new"]
 args = (params, X, Y, key)
-saved = (rules._COLUMN_GROUPS, engine._KERNEL_GRAD_FROM_PATCHES)
 for q in quantities:
     fns = {"grad": (jax.jit(jax.value_and_grad(loss)), args[:3])}
     outs = {}
     for v in variants:
-        rules._COLUMN_GROUPS, engine._KERNEL_GRAD_FROM_PATCHES = VARIANTS[v]
-        fns[v] = (Lowered(engine_fn(q), args), args)
+        fns[v] = (Lowered(engine_fn(q, VARIANTS[v]), args), args)
         outs[v] = fns[v][0].lowered.compile()(*args)
-    rules._COLUMN_GROUPS, engine._KERNEL_GRAD_FROM_PATCHES = saved
     for v in variants[1:]:
         diff = jax.tree.map(
             lambda a, b: float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30)),

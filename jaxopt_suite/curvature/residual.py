@@ -1,0 +1,190 @@
+"""The exact Hessian diagonal beyond the GGN: the residual (activation-curvature) term on the
+engine's forward pass (:class:`Residual`), and per-sample one-hot Hessian-vector products for
+models outside that mechanism (:func:`generic_hessian`); the maths is in
+:mod:`jaxopt_suite.curvature.hessian`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxopt_suite.curvature import generic, hessian, rules
+from jaxopt_suite.curvature.config import EngineConfig
+from jaxopt_suite.curvature.rules.base import wide
+
+
+def generic_hessian(apply_fn, treedef, loss_obj, c, params, inputs, targets, stats, chunk_size):
+    """Exact Hessian diagonals by one-hot HVPs (:func:`hessian.generic_diagonal`)."""
+
+    def per_sample_loss(p, x, y):
+        return c * loss_obj.per_sample(apply_fn(p, x), y)[0]
+
+    out = {}
+    for s in stats:
+        tree = hessian.generic_diagonal(
+            per_sample_loss, params, inputs, targets, s == "individual_sum_sq", chunk_size
+        )
+        out[s] = jax.tree.leaves(tree)
+    return out
+
+
+class Residual:
+    """The residual (activation-curvature) part of ``diag_h`` on the engine's forward pass.
+
+    Builds the instrumented forward (:func:`hessian.instrument`), runs the one VJP with a zero
+    perturbation at every site output, and after :meth:`finish` has the output cotangent,
+    backpropagates the eigen-columns of each site's local Hessian to the layers
+    (:meth:`statistics`)."""
+
+    def __init__(self, forward, leaves, zeros, inputs, config: EngineConfig):
+        self.inputs = inputs
+        self.config = config
+        inst = hessian.instrument(forward, (True, True, False), leaves, zeros, inputs)
+        self.sites = inst.sites
+        if not self.sites:
+            return
+        site_zeros = [jnp.zeros(s.shape, s.dtype) for s in self.sites]
+
+        def run(leaves, perts, site_perts):
+            (out, rec), operands, hessians = inst.run(site_perts, leaves, perts, inputs)
+            return (out, operands), (rec, hessians)
+
+        (outputs, operands), full_vjp, (rec, self.hessians) = jax.vjp(
+            run, leaves, zeros, site_zeros, has_aux=True
+        )
+        self.operand_zeros = jax.tree.map(jnp.zeros_like, operands)
+        self.outputs = outputs
+        self.full_vjp = full_vjp
+
+        def vjp_fn(ct):
+            g_leaves, g_perts, _ = full_vjp((ct, self.operand_zeros))
+            return g_leaves, g_perts
+
+        self.vjp = (outputs, vjp_fn, rec)
+
+    def finish(self, g_out):
+        """Second derivatives times the site cotangents -> one table of signed columns: for each
+        (site, eigen-direction) a block of as many columns as the site has units."""
+        site_grads = self.full_vjp((g_out, self.operand_zeros))[2]
+        self.blocks = []
+        offset = 0
+        for s, (h, g) in enumerate(zip(self.hessians, site_grads, strict=True)):
+            units = hessian.site_units(self.sites[s])
+            n = g.shape[0]
+            for lam, weights in hessian.directions(h, g):
+                flat_w = tuple(w.reshape(n, -1) for w in weights)
+                self.blocks.append((s, offset, units, lam.reshape(n, -1), flat_w))
+                offset += units
+        self.total = offset
+
+    def _column(self, k):
+        """Column k: cotangents of every site's operands and its sign per sample (N,)."""
+        cots = [[None] * t.operands for t in self.sites]
+        sign = 0.0
+        for s, offset, units, lam, weights in self.blocks:
+            local = k - offset
+            inside = ((local >= 0) & (local < units)).astype(lam.dtype)
+            j = jnp.clip(local, 0, units - 1)
+            onehot = jax.nn.one_hot(j, units, dtype=lam.dtype) * inside
+            scale = jnp.sqrt(jnp.abs(lam[:, j]))
+            for o, w in enumerate(weights):
+                part = (w[:, j] * scale)[:, None] * onehot[None]
+                cots[s][o] = part if cots[s][o] is None else cots[s][o] + part
+            sign = sign + inside * jnp.sign(lam[:, j])
+        return cots, sign
+
+    def _site_cotangents(self, cots):
+        return [
+            tuple(c.reshape(t.shape).astype(t.dtype) for c in ops)
+            for t, ops in zip(self.sites, cots, strict=True)
+        ]
+
+    def statistics(self, stats, calls, owner, prepared, free, leaves, apply_fn, treedef, chunk):
+        """The residual part of each statistic per leaf (to add to the GGN's)."""
+        out = {st: [jnp.zeros(()) for _ in leaves] for st in stats}
+        if owner:
+            for i, values in self._structured(stats, calls, owner, prepared).items():
+                for st in stats:
+                    out[st][i] = values[st]
+        if free:
+            self._generic(stats, free, leaves, apply_fn, treedef, chunk, out)
+        return out
+
+    def _structured(self, stats, calls, owner, prepared):
+        """Backpropagates the columns to the layers, ``config.residual_chunk`` at a time
+        (``lax.scan`` over chunks, ``vmap`` inside: the memory of one chunk), and accumulates
+        the statistics of the positive columns minus those of the negative ones."""
+        out_zero = jnp.zeros_like(self.outputs)
+        order = sorted(owner.items())
+        chunk = min(self.config.residual_chunk, self.total)
+        steps = -(-self.total // chunk)
+
+        def stat(ci, role, delta):
+            call, x, config = calls[ci], prepared[ci], self.config
+            return {st: rules.layer_statistic(st, call, role, x, delta, config) for st in stats}
+
+        def backward(k):
+            cots, sign = self._column(k)
+            return self.full_vjp((out_zero, self._site_cotangents(cots)))[1], sign
+
+        def body(acc, ks):
+            deltas, sign = jax.vmap(backward)(ks)  # (B, N, ...) per layer, (B, N)
+            new = []
+            for (_, (ci, role)), old in zip(order, acc, strict=True):
+                d = wide(deltas[ci])
+                shape = (*sign.shape, *([1] * (d.ndim - 2)))
+                pos = stat(ci, role, d * (sign > 0).reshape(shape))
+                neg = stat(ci, role, d * (sign < 0).reshape(shape))
+                new.append({st: old[st] + pos[st] - neg[st] for st in stats})
+            return new, None
+
+        init = []
+        for _, (ci, role) in order:
+            zero = jnp.zeros((1, *calls[ci].output.shape), jnp.float32)
+            shapes = jax.eval_shape(lambda ci=ci, role=role, zero=zero: stat(ci, role, zero))
+            init.append({st: jnp.zeros(v.shape, v.dtype) for st, v in shapes.items()})
+        # columns past the end fall in no block: zero cotangents and sign 0
+        ks = jnp.arange(steps * chunk).reshape(steps, chunk)
+        acc, _ = jax.lax.scan(body, init, ks)
+        return {i: a for (i, _), a in zip(order, acc, strict=True)}
+
+    def _generic(self, stats, free, leaves, apply_fn, treedef, chunk, out):
+        """Free leaves: the same columns through :func:`generic.statistics`, with the model
+        re-interpreted on one sample and every site's operands as its output."""
+        single = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), self.inputs
+        )
+        inst = hessian.instrument(
+            lambda ls, x: apply_fn(jax.tree.unflatten(treedef, ls), x),
+            (True, False),
+            [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves],
+            single,
+        )
+        if [(t.shape[1:], t.operands) for t in self.sites] != [
+            (t.shape[1:], t.operands) for t in inst.sites
+        ]:
+            raise ValueError(
+                "diag_h: the model's nonlinear nodes differ between a batch of one sample and "
+                "the full batch; the model must treat samples alike"
+            )
+        site_zeros = [jnp.zeros((1, *t.shape[1:]), t.dtype) for t in inst.sites]
+
+        def apply_sites(free_leaves, x):
+            full = list(leaves)
+            for j, leaf in zip(free, free_leaves, strict=True):
+                full[j] = leaf
+            operands = inst.run(site_zeros, full, x)[1]
+            return jnp.concatenate([o.reshape(1, -1) for ops in operands for o in ops], axis=-1)
+
+        def column(k):
+            cots, sign = self._column(k)
+            return jnp.concatenate([c for ops in cots for c in ops], axis=-1), sign
+
+        cols, signs = jax.vmap(column)(jnp.arange(self.total))  # (K, N, D), (K, N)
+        free_leaves = [leaves[j] for j in free]
+        for sign in (1.0, -1.0):
+            masked = cols * (signs * sign > 0)[..., None].astype(cols.dtype)
+            found = generic.statistics(apply_sites, free_leaves, self.inputs, masked, stats, chunk)
+            for st in stats:
+                for j, v in zip(free, found[st], strict=True):
+                    out[st][j] = out[st][j] + sign * v
