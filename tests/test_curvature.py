@@ -381,7 +381,7 @@ def _conv_kernel_brute(shape, kshape, cfg, k):
 
 
 def test_conv_rule_over_sample_chunks_matches_per_sample_vjp(monkeypatch):
-    """``rules.conv_kernel`` reduces chunks of samples in a loop (here chunks of 2 of 3
+    """``rules.conv.conv_kernel`` reduces chunks of samples in a loop (here chunks of 2 of 3
     samples: a scan or map plus a zero-padded last chunk): every statistic against
     per-(column, sample) kernel gradients from ``jax.vjp`` of the convolution on one sample."""
     from jaxopt_suite.curvature import EngineConfig, rules
@@ -405,7 +405,9 @@ def test_conv_rule_over_sample_chunks_matches_per_sample_vjp(monkeypatch):
         @jax.jit
         def stats(x, delta, call=call, cfg=cfg, options=options):
             patches = rules.prepare(call, x)
-            return {s: rules.conv_kernel(s, patches, delta, cfg, options) for s in rules.STATISTICS}
+            return {
+                s: rules.conv.conv_kernel(s, patches, delta, cfg, options) for s in rules.STATISTICS
+            }
 
         for statistic, got in stats(x, delta).items():
             np.testing.assert_allclose(got, want[statistic], **TOL, err_msg=statistic)
@@ -413,8 +415,8 @@ def test_conv_rule_over_sample_chunks_matches_per_sample_vjp(monkeypatch):
 
 def test_conv_rule_per_sample_sum_sq_matches_per_sample_vjp(monkeypatch):
     """A conv's multi-column ``sum_sq`` as one 2-D product per sample in a loop
-    (``rules._conv_kernel_sum_sq_per_sample``, taken by the engine for products of at least
-    ``rules._PER_SAMPLE_PRODUCT`` entries, lowered here so tiny shapes take it) against
+    (``rules.conv._conv_kernel_sum_sq_per_sample``, taken by the engine for products of at least
+    ``EngineConfig.per_sample_product`` entries, lowered here so tiny shapes take it) against
     per-(column, sample) kernel gradients; a grouped convolution keeps the other path."""
     from jaxopt_suite.curvature import EngineConfig, rules
     from jaxopt_suite.curvature.layers import ConvConfig, LayerCall
@@ -445,14 +447,14 @@ def test_conv_rule_per_sample_sum_sq_matches_per_sample_vjp(monkeypatch):
 
         @jax.jit
         def sum_sq(x, delta, call=call, cfg=cfg):
-            return rules.conv_kernel("sum_sq", rules.prepare(call, x), delta, cfg, options)
+            return rules.conv.conv_kernel("sum_sq", rules.prepare(call, x), delta, cfg, options)
 
         np.testing.assert_allclose(sum_sq(x, delta), (brute**2).sum((0, 1)), **TOL)
         assert bool(taken) == expect_taken
 
 
 def test_conv_kernel_gradient_matches_summed_per_sample_vjp():
-    """The engine's conv kernel gradient from its patches (``rules.conv_kernel_gradient``, one
+    """The engine's conv kernel gradient from its patches (``rules.conv.conv_kernel_gradient``, one
     2-D product over samples and positions) against the per-sample kernel gradients of
     ``jax.vjp`` of the convolution, summed; feature groups are refused."""
     from jaxopt_suite.curvature import rules
@@ -473,9 +475,9 @@ def test_conv_kernel_gradient_matches_summed_per_sample_vjp():
 
         @jax.jit
         def grad(x, delta, call=call, cfg=cfg):
-            return rules.conv_kernel_gradient(rules.prepare(call, x), delta, cfg)
+            return rules.conv.conv_kernel_gradient(rules.prepare(call, x), delta, cfg)
 
         np.testing.assert_allclose(grad(x, delta[0]), brute[0].sum(0), **TOL)
     grouped = ConvConfig((2,), (1,), ((0, 0),), (1,), (1,), 2)
     with pytest.raises(ValueError, match="feature groups"):
-        rules.conv_kernel_gradient(jnp.zeros((1, 2, 2, 2)), jnp.zeros((1, 2, 4)), grouped)
+        rules.conv.conv_kernel_gradient(jnp.zeros((1, 2, 2, 2)), jnp.zeros((1, 2, 4)), grouped)

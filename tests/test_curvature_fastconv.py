@@ -176,10 +176,10 @@ def test_nnx_engine_with_fast_backward_matches_the_generic_path():
 
 @pytest.mark.parametrize("groups", [1, 3, 16])
 def test_columns_in_groups_equal_one_vjp_call_per_column(monkeypatch, groups):
-    """``rules.backpropagate_columns`` (groups of columns, one ``jax.vmap`` of the VJP per
+    """``backprop.backpropagate_columns`` (groups of columns, one ``jax.vmap`` of the VJP per
     group, concatenated) through the fast conv / max-pool backward passes, against one call of
     the VJP per column; 1, 2, 5 and 7 columns in 2, 3 or one group per column."""
-    from jaxopt_suite.curvature import EngineConfig, engine, rules
+    from jaxopt_suite.curvature import EngineConfig, backprop, discovery
 
     config = EngineConfig(column_groups=groups)
     model = _NnxCNN(nnx.Rngs(2))
@@ -187,7 +187,7 @@ def test_columns_in_groups_equal_one_vjp_call_per_column(monkeypatch, groups):
     apply = lambda p, x: nnx.merge(graphdef, p)(x)
     x = jax.random.normal(jax.random.key(3), (3, 6, 6, 2))
     leaves, treedef = jax.tree.flatten(params)
-    calls = engine._discover(apply, leaves, treedef, x, 3)
+    calls = discovery.discover(apply, leaves, treedef, x, 3)
     assert {c.kind for c in calls.values()} == {"conv", "dense"}
     zeros = {i: jnp.zeros(c.output.shape, c.output.dtype) for i, c in calls.items()}
 
@@ -199,7 +199,7 @@ def test_columns_in_groups_equal_one_vjp_call_per_column(monkeypatch, groups):
     out, vjp_fn = jax.vjp(forward, leaves, zeros)
     for k in (1, 2, 5, 7):
         cols = jax.random.normal(jax.random.key(k), (k, *out.shape))
-        got = jax.jit(lambda c: rules.backpropagate_columns(vjp_fn, c, config=config))(cols)
+        got = jax.jit(lambda c: backprop.backpropagate_columns(vjp_fn, c, config=config))(cols)
         want = jax.jit(lambda c: [vjp_fn(column)[1] for column in c])(cols)
         for i in zeros:
             np.testing.assert_allclose(got[i], np.stack([w[i] for w in want]), **TOL)
@@ -210,17 +210,17 @@ def test_columns_stay_separate_where_vmap_batches_poorly():
     ``select_and_scatter_add`` transpose, which ``vmap`` batches poorly on CPU: the columns
     then take one VJP call each (one transpose per column in the jaxpr), with the same
     values; non-overlapping pooling under the fast backward groups them."""
-    from jaxopt_suite.curvature import rules
+    from jaxopt_suite.curvature import backprop
 
     x = jax.random.normal(jax.random.key(0), (2, 5, 5, 1))
     cols = jax.random.normal(jax.random.key(1), (3, 2, 4, 4, 1))
     _, vjp = jax.vjp(lambda x: nn.max_pool(x, (2, 2), strides=(1, 1)), x)
     vjp_fn = lambda ct: (None, {0: vjp(ct)[0]})
-    assert rules._batches_poorly(vjp_fn, cols[0])
-    grouped = lambda c: rules.backpropagate_columns(vjp_fn, c, groups=2)
+    assert backprop._batches_poorly(vjp_fn, cols[0])
+    grouped = lambda c: backprop.backpropagate_columns(vjp_fn, c, groups=2)
     assert str(jax.make_jaxpr(grouped)(cols)).count("select_and_scatter_add") == 3
     want = np.stack([vjp(c)[0] for c in cols])
     np.testing.assert_allclose(jax.jit(grouped)(cols)[0], want, **TOL)
     with fastgrad.patched_pooling():
         _, fast = jax.vjp(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)), x)
-    assert not rules._batches_poorly(lambda ct: (None, fast(ct)), cols[0, :, :2, :2])
+    assert not backprop._batches_poorly(lambda ct: (None, fast(ct)), cols[0, :, :2, :2])

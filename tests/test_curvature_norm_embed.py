@@ -25,7 +25,8 @@ import pytest
 from flax import nnx
 
 from jaxopt_suite import benchmarking, curvature
-from jaxopt_suite.curvature import rules_norm
+from jaxopt_suite.curvature.rules import embed as embed_rule
+from jaxopt_suite.curvature.rules import layernorm as layernorm_rule
 from tests import reference
 from tests.reference import random_like
 
@@ -225,6 +226,6 @@ def test_embed_rule_forms_no_per_sample_table():
 
 def test_embed_rule_rejects_non_integer_indices():
     with pytest.raises(TypeError, match="tokens must be integer"):
-        rules_norm.embed("sum_sq", jnp.zeros((2, 3)), jnp.zeros((1, 2, 3, 4)), vocab=5)
+        embed_rule.embed("sum_sq", jnp.zeros((2, 3)), jnp.zeros((1, 2, 3, 4)), vocab=5)
     with pytest.raises(ValueError, match="unknown statistic"):
-        rules_norm.layernorm("diag", "kernel", jnp.zeros((2, 4)), jnp.zeros((1, 2, 4)))
+        layernorm_rule.layernorm("diag", "kernel", jnp.zeros((2, 4)), jnp.zeros((1, 2, 4)))

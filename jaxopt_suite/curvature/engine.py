@@ -23,8 +23,7 @@ from jaxopt_suite.curvature import backprop, generic, hessian, kfra, kron, layer
 from jaxopt_suite.curvature import columns as columns_lib
 from jaxopt_suite.curvature import quantities as quantities_lib
 from jaxopt_suite.curvature.config import DEFAULT, EngineConfig
-from jaxopt_suite.curvature.discovery import coverage, owners
-from jaxopt_suite.curvature.discovery import discover as _discover
+from jaxopt_suite.curvature.discovery import coverage, discover, owners
 from jaxopt_suite.curvature.residual import Residual, generic_hessian
 from jaxopt_suite.curvature.rules.base import check_kinds, low, wide
 
@@ -223,7 +222,7 @@ def _run(spec: _Spec, params: PyTree, inputs: Any, targets: jax.Array, key: jax.
     leaves, treedef = jax.tree.flatten(params)
     batch = jax.tree.leaves(inputs)[0].shape[0]
     calls = (
-        _discover(spec.apply_fn, leaves, treedef, inputs, batch, spec.config.kinds)
+        discover(spec.apply_fn, leaves, treedef, inputs, batch, spec.config.kinds)
         if spec.structured and spec.needs
         else {}
     )

@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 
-from jaxopt_suite.curvature.backprop import _batches_poorly, backpropagate_columns
 from jaxopt_suite.curvature.config import DEFAULT, EngineConfig
 from jaxopt_suite.curvature.layers import LayerCall
 from jaxopt_suite.curvature.rules.base import (
@@ -25,7 +24,7 @@ from jaxopt_suite.curvature.rules.base import (
     register_rule,
     registered_kinds,
 )
-from jaxopt_suite.curvature.rules.conv import CONV, conv_kernel, conv_kernel_gradient
+from jaxopt_suite.curvature.rules.conv import CONV
 from jaxopt_suite.curvature.rules.dense import DENSE
 from jaxopt_suite.curvature.rules.embed import EMBED
 from jaxopt_suite.curvature.rules.layernorm import LAYERNORM
@@ -62,10 +61,6 @@ __all__ = [
     "ROLES",
     "STATISTICS",
     "LayerRule",
-    "_batches_poorly",
-    "backpropagate_columns",
-    "conv_kernel",
-    "conv_kernel_gradient",
     "get_rule",
     "layer_statistic",
     "prepare",
