@@ -24,12 +24,15 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (submodules map to themselves).
 _EXPORTS: dict[str, str] = {
-    # infrastructure
-    "data": "jaxopt_suite.data",
-    "zoo": "jaxopt_suite.zoo",
-    "train": "jaxopt_suite.train",
-    "methods": "jaxopt_suite.methods",
-    "benchmarking": "jaxopt_suite.benchmarking",
+    # the harness (training loop, models, data, recipes, CLI); the library never imports it
+    "harness": "jaxopt_suite.harness",
+    "data": "jaxopt_suite.harness.data",
+    "zoo": "jaxopt_suite.harness.zoo",
+    "train": "jaxopt_suite.harness.train",
+    "methods": "jaxopt_suite.harness.recipes",
+    "benchmarking": "jaxopt_suite.harness.benchmarking",
+    "cli": "jaxopt_suite.harness.cli",
+    # data-parallel layouts
     "sharding": "jaxopt_suite.sharding",
     # AliG
     "alig": "jaxopt_suite.alig",

@@ -64,9 +64,7 @@ import optax
 from jax.extend import core as jex_core
 from jax.extend.core import primitives as prims
 
-from jaxopt_suite import methods, train
-
-PyTree = Any
+from jaxopt_suite._typing import PyTree
 
 DISTRIBUTIONS = ("normal", "rademacher")
 STRUCTURES = ("dense", "rank_one")
@@ -829,53 +827,3 @@ def forward_gradient(
         return grads, ForwardGradientState(next_key, state.nonfinite + (~ok).astype(jnp.int32))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def value_fn_gradient(problem: train.Problem, params: PyTree, batch: train.Batch, key: jax.Array):
-    """A ``train.GradientFn`` for transformations that differentiate the loss themselves
-    (:func:`forward_gradient`): passes zeros as the direction and ``value_fn``, the loss on this
-    batch, as an extra argument. The loss reported is computed by the same forward pass (XLA
-    merges the two identical primal computations)."""
-    del key
-    value_fn = lambda p: problem.loss_fn(p, *batch)
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return value_fn(params), zeros, {"value_fn": value_fn}
-
-
-def sgd_decay(learning_rate: float, decay: float = 1e-4) -> optax.Schedule:
-    """The seed's schedule ``learning_rate * exp(-decay * step)``."""
-    return optax.exponential_decay(learning_rate, transition_steps=1, decay_rate=math.exp(-decay))
-
-
-def compare_methods() -> list[methods.Method]:
-    """``fwdgrad`` (the fast estimator, SGD) and ``fwdgrad-normal`` (the paper's directions).
-
-    The learning rate 1e-4 suits the MLP 784-1024-1024-10 (a forward gradient's variance grows
-    with the number of parameters, so its stable step shrinks with it): on MNIST 3e-4 diverged,
-    the seed used 2e-4, 3e-5 learns three times slower.
-    """
-
-    def build(distribution: str, structure: str, learning_rate: float):
-        def setup(cfg: methods.RunConfig) -> methods.Setup:
-            tx = optax.chain(
-                forward_gradient(
-                    jax.random.key(cfg.seed + 1), distribution=distribution, structure=structure
-                ),
-                optax.sgd(sgd_decay(learning_rate)),
-            )
-            return methods.Setup(tx, gradient=value_fn_gradient)
-
-        return setup
-
-    return [
-        methods.Method(
-            "fwdgrad",
-            "forward gradient (rank-one Rademacher directions), SGD lr 1e-4 exp(-1e-4 t)",
-            build("rademacher", "rank_one", 1e-4),
-        ),
-        methods.Method(
-            "fwdgrad-normal",
-            "forward gradient (dense normal directions), SGD lr 1e-4 exp(-1e-4 t)",
-            build("normal", "dense", 1e-4),
-        ),
-    ]

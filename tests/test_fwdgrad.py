@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from jaxopt_suite import fwdgrad, train, zoo
+from jaxopt_suite.harness import recipes
 
 CONFIGS = [
     ("normal", "dense"),
@@ -471,7 +472,7 @@ def test_train_step_with_value_fn_gradient_matches_loss():
         ),
         optax.sgd(lr),
     )
-    step = train.jit_step(train.make_step(problem, tx, fwdgrad.value_fn_gradient))
+    step = train.jit_step(train.make_step(problem, tx, train.value_fn_gradient))
     images = jax.random.randint(jax.random.key(2), (8, 28, 28), 0, 256).astype(jnp.uint8)
     labels = jnp.arange(8) % 10
     # one compiled reverse-mode call for the reference loss and gradient (eager is slower)
@@ -494,13 +495,11 @@ def test_train_step_with_value_fn_gradient_matches_loss():
 
 
 def test_compare_methods_build():
-    names = [m.name for m in fwdgrad.compare_methods()]
-    assert "fwdgrad" in names
-    for method in fwdgrad.compare_methods():
-        from jaxopt_suite import methods
-
-        setup = method.build(methods.RunConfig(steps=10, batch_size=8, seed=0))
-        assert setup.gradient is fwdgrad.value_fn_gradient
+    found = [m for m in recipes.METHODS if m.name.startswith("fwdgrad")]
+    assert "fwdgrad" in [m.name for m in found]
+    for method in found:
+        setup = method.build(recipes.RunConfig(steps=10, batch_size=8, seed=0))
+        assert setup.gradient is train.value_fn_gradient
 
 
 # --- seeds' global optimisation examples ------------------------------------------------------
