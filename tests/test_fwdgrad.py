@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from jaxopt_suite import fwdgrad, train, zoo
+from jaxopt_suite.fwdgrad import directions, interpreter
 from jaxopt_suite.harness import recipes
 
 CONFIGS = [
@@ -225,9 +226,9 @@ def test_rank_one_tangents_give_exact_directional_derivative(case):
     fun, params = _rank_one_cases()[case]
     true = flat(jax.grad(fun)(params))
     for seed in range(2):
-        v = fwdgrad._direction(jax.random.key(seed), params, "normal", "rank_one")
-        value, _, dot = fwdgrad._jvp(lambda p: (fun(p), None), params, v)
-        dense = flat(fwdgrad._densify(v))
+        v = directions._direction(jax.random.key(seed), params, "normal", "rank_one")
+        value, _, dot = interpreter._jvp(lambda p: (fun(p), None), params, v)
+        dense = flat(directions._densify(v))
         np.testing.assert_allclose(float(value), float(fun(params)), rtol=1e-6)
         np.testing.assert_allclose(float(dot), true @ dense, rtol=2e-4, atol=1e-5)
 
@@ -254,8 +255,8 @@ def test_rank_one_directions_make_linear_layers_cheap():
     params = {"w": jnp.ones((64, 32))}
 
     def dot_of(p, k):
-        v = fwdgrad._direction(k, p, "rademacher", "rank_one")
-        return fwdgrad._jvp(lambda q: (fun(q), None), p, v)[2]
+        v = directions._direction(k, p, "rademacher", "rank_one")
+        return interpreter._jvp(lambda q: (fun(q), None), p, v)[2]
 
     dots = _dot_generals(jax.make_jaxpr(dot_of)(params, jax.random.key(0)).jaxpr)
     assert sum(rhs == (64, 32) for _, rhs, _ in dots) == 1
@@ -596,4 +597,4 @@ def test_materialised_draw_is_the_draw_itself(n):
     # The rank-one factors go through a product with the identity (so XLA stores them once):
     # it must not change a single bit, for tiny, huge and negative values alike.
     x = jax.random.normal(jax.random.key(n), (n,)) * jnp.logspace(-30, 30, n)
-    np.testing.assert_array_equal(np.asarray(fwdgrad._materialise(x)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(directions._materialise(x)), np.asarray(x))
