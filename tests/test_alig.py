@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import jaxopt_suite
-from jaxopt_suite.alig import (
+from jaxopt_suite._src.alig import (
     AligState,
     ScaleByAligState,
     alig,
@@ -525,8 +525,8 @@ def test_converges_on_interpolating_least_squares_without_tuning():
 
 
 def test_package_level_names():
-    """``jaxopt_suite.alig`` is the optimizer even after the submodule of that name is imported."""
-    importlib.import_module("jaxopt_suite.alig")
+    """``jaxopt_suite.alig`` is the optimizer even after its implementation module is imported."""
+    importlib.import_module("jaxopt_suite._src.alig")
     for factory in (jaxopt_suite.alig, alig):
         tx = factory(max_lr=0.1, momentum=0.5)
         assert isinstance(tx, optax.GradientTransformationExtraArgs)

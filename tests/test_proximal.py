@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from jaxopt_suite import autosize, prox, train
+from jaxopt_suite._src.proximal import ProximalState, group_sparsity, proximal
 from jaxopt_suite.harness import recipes
-from jaxopt_suite.proximal import ProximalState, group_sparsity, proximal
 
 RNG = np.random.default_rng(0)
 
