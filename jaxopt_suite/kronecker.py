@@ -100,7 +100,7 @@ def mlp_value_grad_and_factors(
     """Loss, gradient and Kronecker factors of an MLP in one pass (a reference implementation).
 
     The MLP is ``Dense_0 - act - ... - Dense_{L-1}`` with the parameter layout of
-    :class:`jaxopt_suite.zoo.MLP` (``{"Dense_i": {"kernel": (in, out), "bias": (out,)}}``);
+    :class:`jaxopt_suite.harness.zoo.MLP` (``{"Dense_i": {"kernel": (in, out), "bias": (out,)}}``);
     inputs are flattened to ``(N, -1)``. A zero perturbation added to every layer output gives,
     through one ``jax.vjp``, the output gradients (for the gradient) and, vmapped over the
     loss-Hessian columns, the backpropagated columns (for G).

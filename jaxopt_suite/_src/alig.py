@@ -45,7 +45,7 @@ Scalar = float | jax.Array
 
 _VALUE_HELP = (
     "AliG needs the loss value as `value=`: call `update(updates, state, params, value=loss)` "
-    "(jaxopt_suite.train.backprop does this), or use `jax.value_and_grad` to get it."
+    "(jaxopt_suite.harness.train.backprop does this), or use `jax.value_and_grad` to get it."
 )
 
 
