@@ -107,7 +107,9 @@ def curvature_gradient(
     quantities=(quantity,))`` once (loss, gradient and the quantity in one pass) and hands the
     quantity to ``tx.update``: a diagonal as ``curvature=``
     (:func:`jaxopt_suite.precondition.diag_ggn_sgd`), Kronecker factors as ``factors=``
-    (:func:`jaxopt_suite.kronecker.kfac_sgd`); the loss goes as ``value=``.
+    (:func:`jaxopt_suite.kronecker.kfac_sgd`); the loss goes as ``value=``. Factors cover the
+    Dense and Conv layers the engine recognises in any flax model; other 1-D leaves get their
+    exact GGN block, other leaves ``None`` (passed through unpreconditioned).
 
     Args:
       quantity: a diagonal shaped like the parameters (``"diag_ggn_mc"``, ``"diag_ggn_exact"``,
