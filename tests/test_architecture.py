@@ -84,7 +84,10 @@ def test_importing_every_library_module_loads_no_harness_module():
             "        sys.exit(f'importing {name} loaded the harness: {loaded}')",
         ]
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # run from the directory above the package, so the child imports this same package
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE_DIR.parent
+    )
     assert out.returncode == 0, out.stderr
 
 
