@@ -34,9 +34,8 @@ import jax
 import numpy as np
 import optax
 
-from jaxopt_suite import benchmarking, train, zoo
+from jaxopt_suite import alig, benchmarking, train, zoo
 from jaxopt_suite import data as data_lib
-from jaxopt_suite.alig import alig
 
 RESULTS = Path(__file__).parent / "results" / "alig"
 PARTS = ("overhead", "claim", "sweep")

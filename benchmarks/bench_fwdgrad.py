@@ -29,6 +29,7 @@ import optax
 
 from jaxopt_suite import benchmarking, fwdgrad, train, zoo
 from jaxopt_suite import data as data_lib
+from jaxopt_suite.harness import recipes
 
 RESULTS = Path(__file__).parent / "results" / "fwdgrad"
 
@@ -85,7 +86,7 @@ def speed(args: argparse.Namespace) -> dict:
         for name, (options, impl) in ESTIMATORS.items():
             if name in args.estimators:
                 tx = _forward_tx(options, impl, optax.sgd(1e-3))
-                setups[name] = (tx, fwdgrad.value_fn_gradient)
+                setups[name] = (tx, train.value_fn_gradient)
         fns = {}
         for name, (tx, gradient) in setups.items():
             step = jax.jit(train.make_step(problem, tx, gradient))
@@ -145,7 +146,7 @@ def _train_runs(args: argparse.Namespace):
     see ``benchmarks/results/fwdgrad.md`` for why Adam needs a larger learning rate than SGD
     with forward gradients.
     """
-    decay = fwdgrad.sgd_decay
+    decay = recipes.sgd_decay
     lr_fwd, lr_adam = args.lr_forward, args.adam_lr_forward
     runs = {
         "backprop SGD": (lambda: optax.sgd(decay(args.lr_backprop)), None),
@@ -177,7 +178,7 @@ def training(args: argparse.Namespace) -> dict:
                 tx, gradient = optimizer(), train.backprop
             else:
                 tx = _forward_tx(options, "threefry2x32", optimizer())
-                gradient = fwdgrad.value_fn_gradient
+                gradient = train.value_fn_gradient
             step = train.jit_step(train.make_step(problem, tx, gradient))
             # a fresh copy: the jitted step donates (deletes) the parameters it is given
             state = train.init_state(jax.tree.map(jnp.copy, params), tx, jax.random.key(2))

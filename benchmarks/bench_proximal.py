@@ -32,9 +32,8 @@ import jax
 import numpy as np
 import optax
 
-from jaxopt_suite import autosize, benchmarking, train, zoo
+from jaxopt_suite import autosize, benchmarking, group_sparsity, train, zoo
 from jaxopt_suite import data as data_lib
-from jaxopt_suite.proximal import group_sparsity
 
 RESULTS = Path(__file__).parent / "results"
 GOALS = {"l21": 1.10, "linf1": 1.25}

@@ -46,7 +46,7 @@ def run_jax(seeds: int, plain: bool = False) -> list[list[float]]:
         tx, gradient = optax.sgd(0.01), train.backprop
     else:
         tx = precondition.diag_ggn_sgd(0.01, damping=1.0)
-        gradient = precondition.curvature_gradient("diag_ggn_mc")
+        gradient = train.curvature_gradient("diag_ggn_mc")
     step = train.jit_step(train.make_step(problem, tx, gradient))
     accuracy = jax.jit(
         lambda p, images, labels: jnp.mean(

@@ -8,38 +8,43 @@
 * Forward gradient: :func:`forward_grad`, :func:`value_and_forward_grad`,
   :func:`forward_gradient`.
 * ProxProp: :mod:`jaxopt_suite.proxprop` (``custom_vjp`` ops, linen and nnx layers).
+* The harness around them: :mod:`jaxopt_suite.harness` (training loop, models, datasets,
+  ``compare`` recipes, CLI); ``train``, ``zoo``, ``data``, ``benchmarking``, ``cli`` and
+  ``methods`` (the recipes) are its modules under their former names.
 
 Names are imported on first use, so ``import jaxopt_suite`` stays fast and pulls in only
-jax, optax and flax as they are needed.
+jax, optax and flax as they are needed. ``alig`` and ``proximal`` are always the functions:
+their modules live in ``jaxopt_suite._src``, so no submodule import rebinds those names.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (submodules map to themselves).
+# public name -> module that defines it (a module maps to itself).
 _EXPORTS: dict[str, str] = {
-    # infrastructure
-    "data": "jaxopt_suite.data",
-    "zoo": "jaxopt_suite.zoo",
-    "train": "jaxopt_suite.train",
-    "methods": "jaxopt_suite.methods",
-    "benchmarking": "jaxopt_suite.benchmarking",
+    # the harness (training loop, models, data, recipes, CLI); the library never imports it
+    "harness": "jaxopt_suite.harness",
+    "data": "jaxopt_suite.harness.data",
+    "zoo": "jaxopt_suite.harness.zoo",
+    "train": "jaxopt_suite.harness.train",
+    "methods": "jaxopt_suite.harness.recipes",
+    "benchmarking": "jaxopt_suite.harness.benchmarking",
+    "cli": "jaxopt_suite.harness.cli",
+    # data-parallel layouts
     "sharding": "jaxopt_suite.sharding",
     # AliG
-    "alig": "jaxopt_suite.alig",
-    "scale_by_alig": "jaxopt_suite.alig",
-    "ScaleByAligState": "jaxopt_suite.alig",
-    "project_l2_ball": "jaxopt_suite.alig",
+    "alig": "jaxopt_suite._src.alig",
+    "scale_by_alig": "jaxopt_suite._src.alig",
+    "ScaleByAligState": "jaxopt_suite._src.alig",
+    "project_l2_ball": "jaxopt_suite._src.alig",
     # proximal operators, transformations, auto-sizing
     "prox": "jaxopt_suite.prox",
-    "proximal": "jaxopt_suite.proximal",
-    "group_sparsity": "jaxopt_suite.proximal",
+    "proximal": "jaxopt_suite._src.proximal",
+    "group_sparsity": "jaxopt_suite._src.proximal",
     "autosize": "jaxopt_suite.autosize",
     # curvature (BackPACK)
     "curvature": "jaxopt_suite.curvature",
@@ -68,22 +73,3 @@ def __getattr__(name: str) -> Any:
     value = getattr(module, name, module)  # a submodule exports itself
     globals()[name] = value
     return value
-
-
-class _Package(types.ModuleType):
-    """The package module: keeps the functions ``alig`` and ``proximal`` bound to their names.
-
-    Both are also the names of the submodules that define them, and the import system binds a
-    submodule to its parent's attribute when the submodule is first imported. Ignoring that one
-    binding keeps ``jaxopt_suite.alig`` the optimizer whatever was imported before, without
-    importing jax when the package is imported.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _FUNCTIONS_NAMED_LIKE_MODULES and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-_FUNCTIONS_NAMED_LIKE_MODULES = frozenset({"alig", "proximal"})
-sys.modules[__name__].__class__ = _Package

@@ -1,5 +1,5 @@
 """``python -m jaxopt_suite`` is the ``jaxopt-suite`` command."""
 
-from jaxopt_suite.cli import main
+from jaxopt_suite.harness.cli import main
 
 raise SystemExit(main())

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from jaxopt_suite._typing import PyTree
 
 _WRAPPER_ATTRIBUTES = ("value", "raw_value")  # nnx Variable -> array
 

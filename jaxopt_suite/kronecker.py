@@ -20,7 +20,8 @@ bias block is :math:`G` alone.
   the zoo's parameter layout, in one backward pass over the columns.
 * :func:`scale_by_kronecker` / :func:`kfac_sgd`: the preconditioner, fed by ``factors=``:
   ``extras["kfac"]`` (or ``"kflr"``, ``"kfra"``) of ``curvature.value_and_grad`` for any flax
-  model, through :func:`curvature_gradient` in a training step, with :func:`factor_mask`.
+  model (in a training step: ``jaxopt_suite.harness.train.curvature_gradient``), with
+  :func:`factor_mask`.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_suite._tree import all_finite
+from jaxopt_suite._typing import PyTree
 from jaxopt_suite.curvature import products
 
-PyTree = Any
 Factors = tuple[jax.Array, ...]
 
 
@@ -98,7 +100,7 @@ def mlp_value_grad_and_factors(
     """Loss, gradient and Kronecker factors of an MLP in one pass (a reference implementation).
 
     The MLP is ``Dense_0 - act - ... - Dense_{L-1}`` with the parameter layout of
-    :class:`jaxopt_suite.zoo.MLP` (``{"Dense_i": {"kernel": (in, out), "bias": (out,)}}``);
+    :class:`jaxopt_suite.harness.zoo.MLP` (``{"Dense_i": {"kernel": (in, out), "bias": (out,)}}``);
     inputs are flattened to ``(N, -1)``. A zero perturbation added to every layer output gives,
     through one ``jax.vjp``, the output gradients (for the gradient) and, vmapped over the
     loss-Hessian columns, the backpropagated columns (for G).
@@ -286,11 +288,6 @@ def _state_dtype(param: Any) -> Any:
     return jnp.promote_types(jnp.result_type(param), jnp.float32)
 
 
-def _all_finite(tree: PyTree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def scale_by_kronecker(
     damping: jax.typing.ArrayLike = 1e-3,
     decay: jax.typing.ArrayLike = 0.95,
@@ -379,7 +376,7 @@ def scale_by_kronecker(
                 "bias, None elsewhere)"
             )
         new = _match_factors(updates, state.factors, factors)
-        finite = _all_finite(new)
+        finite = all_finite(new)
         weight = jnp.where(state.count == 0, 1.0, 1.0 - jnp.asarray(decay))
 
         def average(old, fresh):
@@ -398,7 +395,7 @@ def scale_by_kronecker(
                 if f is None:
                     return None
                 inv = damped_inverses(f, damping, pi_damping)
-                ok = _all_finite(inv)
+                ok = all_finite(inv)
                 return tuple(jnp.where(ok, i, o) for i, o in zip(inv, old, strict=True))
 
             return jax.tree.map(one, ema, old_inverses, is_leaf=leaf)
@@ -506,8 +503,6 @@ def kfac_sgd(
 # ---------------------------------------------------------------------------------------------
 # fed by the curvature engine
 
-ENGINE_QUANTITIES = ("kfac", "kflr", "kfra")
-
 
 def factor_mask(factors: PyTree, params: PyTree) -> PyTree:
     """Which parameters get Kronecker factors: a pytree of bools shaped like ``params``.
@@ -538,62 +533,3 @@ def factor_mask(factors: PyTree, params: PyTree) -> PyTree:
             f"each leaf: {err}"
         ) from None
     return jax.tree.unflatten(treedef, [f is not None for f in given])
-
-
-def curvature_gradient(
-    quantity: str = "kfac", *, mc_samples: int = 1, **options: Any
-) -> Callable[..., tuple[jax.Array, PyTree, dict[str, Any]]]:
-    """A ``train.GradientFn`` that feeds :func:`kfac_sgd` from the curvature engine.
-
-    Each step calls ``curvature.value_and_grad(problem.apply_fn, loss=problem.loss,
-    quantities=(quantity,))`` once (loss, gradient and factors in one pass) and hands
-    ``factors=extras[quantity]`` to the transformation. Works for any flax model whose Dense
-    and Conv layers the engine recognises; other 1-D leaves get their exact GGN block, other
-    leaves ``None`` (passed through unpreconditioned).
-
-    Args:
-      quantity: ``"kfac"`` (Monte Carlo G), ``"kflr"`` (exact G) or ``"kfra"`` (G
-        backpropagated batch-averaged; Dense chains only).
-      mc_samples: Monte Carlo samples of ``"kfac"``.
-      **options: further keyword arguments of ``curvature.value_and_grad`` (``chunk_size``).
-
-    Returns:
-      ``gradient(problem, params, batch, key) -> (value, grads, {"value", "factors"})``.
-
-    Example:
-      >>> gradient = curvature_gradient("kflr")
-      >>> # train.make_step(problem, kfac_sgd(0.03, damping=1e-2), gradient)
-    """
-    if quantity not in ENGINE_QUANTITIES:
-        raise ValueError(f"quantity must be one of {ENGINE_QUANTITIES}, got {quantity!r}")
-    from jaxopt_suite import curvature
-
-    def gradient(problem: Any, params: PyTree, batch: tuple[jax.Array, jax.Array], key: jax.Array):
-        fn = curvature.value_and_grad(
-            problem.apply_fn,
-            loss=problem.loss,
-            quantities=(quantity,),
-            mc_samples=mc_samples,
-            **options,
-        )
-        value, grads, extras = fn(params, *batch, key=key)
-        return value, grads, {"value": value, "factors": extras[quantity]}
-
-    return gradient
-
-
-def compare_methods() -> list:
-    """``kfac``: KFAC (one MC column per sample) from the curvature engine, SGD lr 0.03."""
-    from jaxopt_suite import methods
-
-    return [
-        methods.Method(
-            "kfac",
-            "SGD lr 0.03 on KFAC-preconditioned gradients (engine kfac, damping 1e-2, "
-            "inverses every 10 steps)",
-            lambda cfg: methods.Setup(
-                tx=kfac_sgd(0.03, damping=1e-2, decay=0.95, inverse_every=10),
-                gradient=curvature_gradient("kfac"),
-            ),
-        )
-    ]

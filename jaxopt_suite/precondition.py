@@ -8,23 +8,20 @@ r"""Diagonal preconditioning by a curvature estimate, fed by :mod:`jaxopt_suite.
 where :math:`D` (a pytree like the updates, e.g. ``extras["diag_ggn_mc"]``) arrives as the
 keyword argument ``curvature`` of ``update``. :func:`diag_ggn_sgd` is BackPACK's example
 optimizer, :math:`\theta \leftarrow \theta - \alpha\, g / (\mathrm{diag\_ggn\_mc} + \lambda)`,
-and :func:`curvature_gradient` is the :data:`jaxopt_suite.train.GradientFn` that computes the
-gradient and the curvature in one pass and hands both to the transformation.
+and ``jaxopt_suite.harness.train.curvature_gradient`` is the training step's gradient function
+that computes the gradient and the curvature in one pass and hands both to the transformation.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxopt_suite import curvature as curvature_lib
-from jaxopt_suite import methods, train
-
-PyTree = Any
+from jaxopt_suite._typing import PyTree
 
 
 class ScaleByDiagonalCurvatureState(NamedTuple):
@@ -50,7 +47,7 @@ def scale_by_diagonal_curvature(
       An optax transformation whose ``update(updates, state, params=None, *, curvature)``
       requires ``curvature``, a pytree with the structure and shapes of ``updates`` (other extra
       keyword arguments are ignored). A non-finite curvature entry gives a non-finite update
-      entry, which :func:`jaxopt_suite.train.make_step` keeps out of the parameters.
+      entry, which :func:`jaxopt_suite.harness.train.make_step` keeps out of the parameters.
 
     Example:
       >>> import jax.numpy as jnp
@@ -127,52 +124,3 @@ def diag_ggn_sgd(
     return optax.chain(
         scale_by_diagonal_curvature(damping), optax.scale_by_learning_rate(learning_rate)
     )
-
-
-def curvature_gradient(
-    quantity: str = "diag_ggn_mc", *, mc_samples: int = 1, **options: Any
-) -> train.GradientFn:
-    """A :data:`jaxopt_suite.train.GradientFn` passing ``value=`` and ``curvature=`` to ``tx``.
-
-    Args:
-      quantity: the diagonal to hand over (``"diag_ggn_mc"``, ``"diag_ggn_exact"``,
-        ``"sum_grad_squared"``, ``"variance"``: any quantity shaped like the parameters).
-      mc_samples: MC samples of the ``*_mc`` quantities.
-      **options: further arguments of :func:`jaxopt_suite.curvature.value_and_grad`
-        (``chunk_size``, ``structured``).
-
-    Returns:
-      ``gradient(problem, params, batch, key) -> (value, grads, {"value", "curvature"})``.
-    """
-    per_parameter = {"diag_ggn_mc", "diag_ggn_exact", "sum_grad_squared", "variance"}
-    if quantity not in per_parameter:
-        raise ValueError(
-            f"quantity must be one of {sorted(per_parameter)} (shaped like the parameters); "
-            f"got {quantity!r}"
-        )
-
-    def gradient(problem: train.Problem, params: PyTree, batch: train.Batch, key: jax.Array):
-        fn = curvature_lib.value_and_grad(
-            problem.apply_fn,
-            loss=problem.loss,
-            quantities=(quantity,),
-            mc_samples=mc_samples,
-            **options,
-        )
-        value, grads, extras = fn(params, *batch, key=key)
-        return value, grads, {"value": value, "curvature": extras[quantity]}
-
-    return gradient
-
-
-def compare_methods() -> list[methods.Method]:
-    """``diag-ggn-mc``: BackPACK's example, SGD lr 0.01 preconditioned by diag GGN-MC + 1."""
-    return [
-        methods.Method(
-            "diag-ggn-mc",
-            "SGD lr 0.01 / (diag GGN-MC + 1) (BackPACK example)",
-            lambda cfg: methods.Setup(
-                tx=diag_ggn_sgd(0.01, damping=1.0), gradient=curvature_gradient("diag_ggn_mc")
-            ),
-        )
-    ]

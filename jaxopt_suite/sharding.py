@@ -49,7 +49,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-PyTree = Any
+from jaxopt_suite._typing import PyTree
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, axis: str = "data") -> Mesh:

@@ -17,8 +17,7 @@ import optax
 import pytest
 
 import jaxopt_suite
-from jaxopt_suite import methods, train
-from jaxopt_suite.alig import (
+from jaxopt_suite._src.alig import (
     AligState,
     ScaleByAligState,
     alig,
@@ -26,6 +25,7 @@ from jaxopt_suite.alig import (
     project_l2_ball,
     scale_by_alig,
 )
+from jaxopt_suite.harness import recipes, train
 
 # --- a small least-squares problem with two parameter leaves -------------------------------
 
@@ -525,8 +525,8 @@ def test_converges_on_interpolating_least_squares_without_tuning():
 
 
 def test_package_level_names():
-    """``jaxopt_suite.alig`` is the optimizer even after the submodule of that name is imported."""
-    importlib.import_module("jaxopt_suite.alig")
+    """``jaxopt_suite.alig`` is the optimizer even after its implementation module is imported."""
+    importlib.import_module("jaxopt_suite._src.alig")
     for factory in (jaxopt_suite.alig, alig):
         tx = factory(max_lr=0.1, momentum=0.5)
         assert isinstance(tx, optax.GradientTransformationExtraArgs)
@@ -538,10 +538,8 @@ def test_package_level_names():
 
 
 def test_trains_in_the_shared_loop_and_compare_method():
-    method = {m.name: m for m in importlib.import_module("jaxopt_suite.alig").compare_methods()}[
-        "alig"
-    ]
-    setup = method.build(methods.RunConfig(steps=20, batch_size=32, seed=0))
+    method = recipes.registry()["alig"]
+    setup = method.build(recipes.RunConfig(steps=20, batch_size=32, seed=0))
     # softmax regression on 64 random images with random labels (memorisable): no flax compile
     problem = train.Problem(lambda p, x: x.reshape(x.shape[0], -1) @ p["w"] + p["b"])
     params = {"w": jnp.zeros((784, 10)), "b": jnp.zeros(10)}

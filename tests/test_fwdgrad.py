@@ -11,6 +11,8 @@ import optax
 import pytest
 
 from jaxopt_suite import fwdgrad, train, zoo
+from jaxopt_suite.fwdgrad import directions, interpreter
+from jaxopt_suite.harness import recipes
 
 CONFIGS = [
     ("normal", "dense"),
@@ -224,9 +226,9 @@ def test_rank_one_tangents_give_exact_directional_derivative(case):
     fun, params = _rank_one_cases()[case]
     true = flat(jax.grad(fun)(params))
     for seed in range(2):
-        v = fwdgrad._direction(jax.random.key(seed), params, "normal", "rank_one")
-        value, _, dot = fwdgrad._jvp(lambda p: (fun(p), None), params, v)
-        dense = flat(fwdgrad._densify(v))
+        v = directions._direction(jax.random.key(seed), params, "normal", "rank_one")
+        value, _, dot = interpreter._jvp(lambda p: (fun(p), None), params, v)
+        dense = flat(directions._densify(v))
         np.testing.assert_allclose(float(value), float(fun(params)), rtol=1e-6)
         np.testing.assert_allclose(float(dot), true @ dense, rtol=2e-4, atol=1e-5)
 
@@ -253,8 +255,8 @@ def test_rank_one_directions_make_linear_layers_cheap():
     params = {"w": jnp.ones((64, 32))}
 
     def dot_of(p, k):
-        v = fwdgrad._direction(k, p, "rademacher", "rank_one")
-        return fwdgrad._jvp(lambda q: (fun(q), None), p, v)[2]
+        v = directions._direction(k, p, "rademacher", "rank_one")
+        return interpreter._jvp(lambda q: (fun(q), None), p, v)[2]
 
     dots = _dot_generals(jax.make_jaxpr(dot_of)(params, jax.random.key(0)).jaxpr)
     assert sum(rhs == (64, 32) for _, rhs, _ in dots) == 1
@@ -471,7 +473,7 @@ def test_train_step_with_value_fn_gradient_matches_loss():
         ),
         optax.sgd(lr),
     )
-    step = train.jit_step(train.make_step(problem, tx, fwdgrad.value_fn_gradient))
+    step = train.jit_step(train.make_step(problem, tx, train.value_fn_gradient))
     images = jax.random.randint(jax.random.key(2), (8, 28, 28), 0, 256).astype(jnp.uint8)
     labels = jnp.arange(8) % 10
     # one compiled reverse-mode call for the reference loss and gradient (eager is slower)
@@ -494,13 +496,11 @@ def test_train_step_with_value_fn_gradient_matches_loss():
 
 
 def test_compare_methods_build():
-    names = [m.name for m in fwdgrad.compare_methods()]
-    assert "fwdgrad" in names
-    for method in fwdgrad.compare_methods():
-        from jaxopt_suite import methods
-
-        setup = method.build(methods.RunConfig(steps=10, batch_size=8, seed=0))
-        assert setup.gradient is fwdgrad.value_fn_gradient
+    found = [m for m in recipes.METHODS if m.name.startswith("fwdgrad")]
+    assert "fwdgrad" in [m.name for m in found]
+    for method in found:
+        setup = method.build(recipes.RunConfig(steps=10, batch_size=8, seed=0))
+        assert setup.gradient is train.value_fn_gradient
 
 
 # --- seeds' global optimisation examples ------------------------------------------------------
@@ -597,4 +597,4 @@ def test_materialised_draw_is_the_draw_itself(n):
     # The rank-one factors go through a product with the identity (so XLA stores them once):
     # it must not change a single bit, for tiny, huge and negative values alike.
     x = jax.random.normal(jax.random.key(n), (n,)) * jnp.logspace(-30, 30, n)
-    np.testing.assert_array_equal(np.asarray(fwdgrad._materialise(x)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(directions._materialise(x)), np.asarray(x))

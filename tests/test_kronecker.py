@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_suite import kronecker, zoo
+from jaxopt_suite import kronecker, train, zoo
 from jaxopt_suite.curvature import products
 from tests import reference
 
@@ -327,4 +327,4 @@ def test_engine_factors_drive_the_same_update_as_the_reference():
     with pytest.raises(ValueError, match="structure of params"):
         kronecker.factor_mask({"w": None}, embed)
     with pytest.raises(ValueError, match="quantity must be one of"):
-        kronecker.curvature_gradient("diag_h")
+        train.curvature_gradient("diag_h")

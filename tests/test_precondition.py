@@ -53,7 +53,7 @@ def test_errors():
         with pytest.raises(ValueError, match="damping must be positive"):
             precondition.scale_by_diagonal_curvature(damping=bad)
     with pytest.raises(ValueError, match="quantity"):
-        precondition.curvature_gradient("grad_batch")
+        train.curvature_gradient("grad_batch")
 
 
 def test_jit_keeps_dtype_and_does_not_retrace():
@@ -82,9 +82,7 @@ def test_training_step_uses_the_mc_diagonal_and_learns():
     params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}
     problem = train.Problem(apply_fn)
     tx = precondition.diag_ggn_sgd(0.5, damping=0.1)
-    step = jax.jit(
-        train.make_step(problem, tx, precondition.curvature_gradient(), preprocess=lambda a: a)
-    )
+    step = jax.jit(train.make_step(problem, tx, train.curvature_gradient(), preprocess=lambda a: a))
     state = train.init_state(params, tx, key)
     losses = []
     for _ in range(30):

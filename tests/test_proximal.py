@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from jaxopt_suite import autosize, prox, train
-from jaxopt_suite.proximal import ProximalState, compare_methods, group_sparsity, proximal
+from jaxopt_suite._src.proximal import ProximalState, group_sparsity, proximal
+from jaxopt_suite.harness import recipes
 
 RNG = np.random.default_rng(0)
 
@@ -279,7 +280,7 @@ def test_training_step_skips_non_finite_updates():
 
 
 def test_compare_methods_report_live_units():
-    found = {m.name: m for m in compare_methods()}
+    found = recipes.registry()
     assert {"sgd+linf1", "sgd+l21"} <= set(found)
     setup = found["sgd+linf1"].build(None)
     params = {"Dense_0": layer((4, 3)), "Dense_1": layer((3, 2))}

@@ -17,8 +17,9 @@ and the proximal solve runs in float32 (:mod:`jaxopt_suite.proxprop.ops`).
 * flax linen layers: :class:`ProxPropDense`, :class:`ProxPropConv`, :func:`proxprop_module`;
 * flax nnx layers: :class:`ProxPropLinear`, :class:`ProxPropNNXConv`
   (also as ``jaxopt_suite.proxprop.nnx.ProxPropConv``);
-* :func:`parse_mode` and the solvers in :mod:`jaxopt_suite.proxprop.solvers`;
-* :func:`compare_methods`, the ``proxprop`` method of ``jaxopt-suite compare``.
+* :func:`parse_mode` and the solvers in :mod:`jaxopt_suite.proxprop.solvers`.
+
+The ``proxprop`` methods of ``jaxopt-suite compare`` are in :mod:`jaxopt_suite.harness.recipes`.
 """
 
 from jaxopt_suite.proxprop.linen import ProxPropConv, ProxPropDense, proxprop_module
@@ -30,7 +31,6 @@ from jaxopt_suite.proxprop.ops import (
     proxprop_dense,
     proxprop_linear,
 )
-from jaxopt_suite.proxprop.recipes import compare_methods
 from jaxopt_suite.proxprop.solvers import Mode, cg_solve, parse_mode
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "ProxPropNNXConv",
     "cg_solve",
     "check_linear",
-    "compare_methods",
     "parse_mode",
     "proxprop_conv",
     "proxprop_dense",

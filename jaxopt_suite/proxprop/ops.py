@@ -41,9 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from jaxopt_suite._typing import PyTree
 from jaxopt_suite.proxprop import solvers
-
-PyTree = Any
 
 # Largest parameter count for which the generic op builds the full Gram matrix (prox_exact).
 MAX_GENERIC_EXACT_SIZE = 4096

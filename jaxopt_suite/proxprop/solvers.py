@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-PyTree = Any
+from jaxopt_suite._typing import PyTree
 
 MODES_HELP = '"gradient", "prox_exact" or "prox_cg<K>" with an integer K >= 1 (e.g. "prox_cg3")'
 

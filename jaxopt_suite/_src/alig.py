@@ -39,12 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-PyTree = Any
+from jaxopt_suite._typing import PyTree
+
 Scalar = float | jax.Array
 
 _VALUE_HELP = (
     "AliG needs the loss value as `value=`: call `update(updates, state, params, value=loss)` "
-    "(jaxopt_suite.train.backprop does this), or use `jax.value_and_grad` to get it."
+    "(jaxopt_suite.harness.train.backprop does this), or use `jax.value_and_grad` to get it."
 )
 
 
@@ -423,16 +424,3 @@ def project_l2_ball(tree: PyTree, max_norm: Scalar) -> PyTree:
     norm = jnp.sqrt(global_sq_norm(tree))
     factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
     return _scale_like(factor, tree)
-
-
-def compare_methods() -> list:
-    """AliG's entries for ``jaxopt-suite compare``: one constant ``max_lr``, no schedule."""
-    from jaxopt_suite import methods
-
-    return [
-        methods.Method(
-            "alig",
-            "backprop, AliG max_lr 0.1 momentum 0.9 (step from the loss, no schedule)",
-            lambda cfg: methods.Setup(alig(max_lr=0.1, momentum=0.9)),
-        ),
-    ]
