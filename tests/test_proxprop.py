@@ -8,6 +8,7 @@ the plain layer from brute-force autodiff (which also checks that the channels d
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -529,6 +530,60 @@ def test_parameters_interchange_with_plain_layers():
         p_prox = prox.init(jax.random.key(7), x)
         jax.tree.map(np.testing.assert_array_equal, p_plain, p_prox)  # same init, too
         np.testing.assert_allclose(prox.apply(p_plain, x), plain.apply(p_plain, x), rtol=1e-6)
+
+
+class _AutoNamed(nn.Module):
+    """Unnamed layers in a compact method, as a user writes them: flax names them."""
+
+    dense: Any = nn.Dense
+    conv: Any = nn.Conv
+    general: Any = nn.DenseGeneral
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(self.conv(3, (3, 3))(x))
+        x = nn.relu(self.conv(2, (3, 3), padding="VALID")(x)).reshape(x.shape[0], -1)
+        x = nn.relu(self.dense(5)(x))
+        x = nn.relu(nn.Dense(4)(x))  # stays plain: shares the Dense_<i> counter
+        x = self.general((2, 2))(x).reshape(x.shape[0], -1)
+        x = nn.remat(self.dense)(3)(x)
+        return self.dense(2, name="head")(x)
+
+
+def test_auto_named_proxprop_layers_take_the_plain_names():
+    x = jnp.asarray(_rand(40, 2, 5, 5, 1))
+    plain = _AutoNamed()
+    prox = _AutoNamed(
+        dense=functools.partial(ProxPropDense, tau_prox=0.1, optimization_mode="prox_exact"),
+        conv=functools.partial(ProxPropConv, optimization_mode="prox_cg2"),
+        general=proxprop_module(nn.DenseGeneral),
+    )
+    params = plain.init(jax.random.key(0), x)
+    names = {"Conv_0", "Conv_1", "Dense_0", "Dense_1", "DenseGeneral_0", "CheckpointDense_0"}
+    assert set(params["params"]) == names | {"head"}
+    shapes = lambda tree: jax.tree.map(jnp.shape, tree)
+    assert shapes(prox.init(jax.random.key(0), x)) == shapes(params)
+    # the plain model's parameters (a checkpoint of it) run the ProxProp model unchanged
+    np.testing.assert_allclose(prox.apply(params, x), plain.apply(params, x), rtol=1e-6)
+
+
+def test_setup_and_explicit_names_are_kept():
+    class Named(nn.Module):
+        def setup(self):
+            self.first = ProxPropDense(3)
+            self.second = proxprop_module(nn.DenseGeneral)(2)
+
+        def __call__(self, x):
+            return self.second(self.first(x))
+
+    class Explicit(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return ProxPropDense(2, name="ProxPropDense_0")(ProxPropDense(3, name="mine")(x))
+
+    x = jnp.ones((2, 4))
+    assert set(Named().init(jax.random.key(0), x)["params"]) == {"first", "second"}
+    assert set(Explicit().init(jax.random.key(0), x)["params"]) == {"mine", "ProxPropDense_0"}
 
 
 def test_zoo_models_take_proxprop_layers():
