@@ -6,7 +6,9 @@ axis of the kernel: unit :math:`j` is the group ``kernel[..., j]`` plus ``bias[j
 group is exactly zero outputs :math:`\\sigma(0)`, which is 0 for ReLU and tanh: it can be
 deleted together with the matching input slice of the next layer without changing the
 network's function. :func:`jaxopt_suite.group_sparsity` drives whole groups to exact zeros;
-:func:`shrink` then returns the smaller parameters and widths to rebuild the model with.
+:func:`shrink` then returns the smaller parameters and widths to rebuild the model with,
+following the deletions through normalisation layers (:class:`Norm`) where that is exact and
+refusing, with the reason, where it is not.
 
 Example::
 
@@ -19,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -154,7 +157,10 @@ def _lookup(tree: Mapping, name: str) -> Mapping:
             raise ValueError(f"layer {name!r} not found: no key {part!r} (keys: {list(node)})")
         node = node[matches[0]]
     if not isinstance(node, Mapping) or "kernel" not in node:
-        raise ValueError(f"layer {name!r} has no 'kernel' parameter")
+        raise ValueError(
+            f"layer {name!r} has no 'kernel' parameter (a normalisation layer goes into the "
+            "chain as autosize.Norm(name, kind))"
+        )
     return node
 
 
@@ -185,41 +191,214 @@ def _slice_inputs(
     )
 
 
-def shrink(params: Mapping, chain: Sequence[str]) -> tuple[dict, dict[str, int]]:
-    """Deletes the dead units of a chain of layers, keeping the network's function.
+NORM_KINDS = ("batch", "group", "layer", "rms")
 
-    For each layer of ``chain`` but the last (whose outputs are the model's), the output units
-    whose group (kernel slice and bias) is exactly zero are removed from its kernel and bias,
-    and the matching inputs from the next layer's kernel: rows of a Dense kernel, the input
-    channels of a Conv kernel, or, for Conv -> flatten -> Dense, every flattened position of
-    that channel. Layers are processed in order, so a unit left without live inputs and with a
-    zero bias is removed too. The outputs are unchanged when the activation maps 0 to 0
-    (ReLU, tanh; pooling in between is fine).
+_NORM_LEAVES = {
+    "batch": ("scale", "bias", "mean", "var"),
+    "group": ("scale", "bias"),
+    "layer": ("scale", "bias"),
+    "rms": ("scale",),
+}
+_NORM_TITLES = {"batch": "BatchNorm", "group": "GroupNorm", "layer": "LayerNorm", "rms": "RMSNorm"}
 
-    Args:
-      params: linen parameters (nested mappings of arrays; for nnx use
-        ``nnx.to_pure_dict(state)``).
-      chain: layer names in data-flow order, as :func:`find_layers` names them
-        (``["Dense_0", "Dense_1", "Dense_2"]``).
 
-    Returns:
-      ``(new_params, widths)``: a copy of ``params`` (plain dicts, numpy arrays for the changed
-      layers) and ``{layer name: number of output units}`` to rebuild the model with.
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """A normalisation layer over the units of the chain layer before it, for :func:`shrink`.
+
+    Attributes:
+      name: the path of its parameters (``"GroupNorm_0"``), as for chain layers.
+      kind: ``"batch"`` (``nn.BatchNorm``: per-channel statistics and running averages),
+        ``"group"`` (``nn.GroupNorm``: statistics over each group of consecutive channels),
+        ``"layer"`` (``nn.LayerNorm`` over the features) or ``"rms"`` (``nn.RMSNorm``).
+      num_groups: for ``"group"``: the number of groups (as ``nn.GroupNorm``); give this or
+        ``group_size``.
+      group_size: for ``"group"``: the channels per group (as ``nn.GroupNorm(num_groups=None,
+        group_size=...)``).
 
     Raises:
-      ValueError: naming the layer, for an unknown layer, a chain shorter than 2 layers, or a
-        layout it cannot follow (input width that does not match the previous layer's units).
-
-    Example::
-
-        >>> small, widths = shrink(params, ["Dense_0", "Dense_1", "Dense_2"])
-        >>> model = zoo.MLP(hidden=(widths["Dense_0"], widths["Dense_1"]))
+      ValueError: an unknown ``kind`` (naming the accepted ones), or group arguments that are
+        missing, not positive ints, or given for another kind.
     """
+
+    name: str
+    kind: str
+    num_groups: int | None = None
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"Norm name must be a string (a parameter path), got {self.name!r}")
+        if self.kind not in NORM_KINDS:
+            raise ValueError(f"Norm kind must be one of {NORM_KINDS}, got {self.kind!r}")
+        given = {
+            k: v
+            for k, v in (("num_groups", self.num_groups), ("group_size", self.group_size))
+            if v is not None
+        }
+        if self.kind != "group":
+            if given:
+                raise ValueError(f"Norm {self.name!r}: {sorted(given)} only apply to kind 'group'")
+            return
+        if len(given) != 1:
+            raise ValueError(
+                f"Norm {self.name!r} of kind 'group' needs exactly one of num_groups and "
+                f"group_size, got {given or 'neither'}"
+            )
+        ((key, value),) = given.items()
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"Norm {self.name!r}: {key} must be an int >= 1, got {value!r}")
+
+    def group_size_for(self, units: int) -> int:
+        """The group size for ``units`` channels (``"group"`` only); ValueError if it does not
+        divide them."""
+        size = self.group_size if self.group_size is not None else units // self.num_groups
+        if size < 1 or units % size or (self.num_groups and units != size * self.num_groups):
+            raise ValueError(
+                f"Norm {self.name!r}: {units} channels do not split into "
+                + (f"{self.num_groups} groups" if self.num_groups else f"groups of {size}")
+            )
+        return int(size)
+
+
+def _node(tree: Mapping, name: str, what: str) -> Mapping | None:
+    """The mapping at path ``name`` (keys joined by ``/``), or None if it is absent."""
+    node: Any = tree
+    for part in name.split("/") if name else []:
+        if not isinstance(node, Mapping):
+            raise ValueError(f"{what} {name!r}: {part!r} is not inside a mapping")
+        matches = [k for k in node if str(k) == part]
+        if not matches:
+            return None
+        node = node[matches[0]]
+    if not isinstance(node, Mapping):
+        raise ValueError(f"{what} {name!r} is an array, not a layer's mapping of parameters")
+    return node
+
+
+def _norm_leaves(norm: Norm, params: Mapping, batch_stats: Mapping | None, units: int, before: str):
+    """The normalisation layer's per-unit arrays, by role (``scale``, ``bias``, ``mean``,
+    ``var``), from its parameters and, for a linen BatchNorm, ``batch_stats``."""
+    title = _NORM_TITLES[norm.kind]
+    node = _node(params, norm.name, "normalisation layer")
+    if node is None:
+        raise ValueError(f"normalisation layer {norm.name!r} not found in params")
+    leaves = {str(k): v for k, v in node.items()}
+    if norm.kind == "batch" and not {"mean", "var"} <= set(leaves):
+        stats = None if batch_stats is None else _node(batch_stats, norm.name, "batch_stats of")
+        if stats is None:
+            raise ValueError(
+                f"{title} {norm.name!r} keeps running averages (mean, var) that shrink must "
+                "slice too, but they are not among its parameters (nnx keeps them there) and "
+                "no batch_stats were given: use shrink_variables(variables, chain) with linen's "
+                "{'params': ..., 'batch_stats': ...}"
+            )
+        leaves.update({f"stats/{k}": v for k, v in stats.items()})
+    allowed = set(_NORM_LEAVES[norm.kind]) | {f"stats/{k}" for k in ("mean", "var")}
+    unknown = sorted(set(leaves) - allowed)
+    if unknown:
+        raise ValueError(
+            f"{title} {norm.name!r} has entries {unknown}; a {title} has "
+            f"{list(_NORM_LEAVES[norm.kind])} (is the kind {norm.kind!r} right?)"
+        )
+    arrays = {k: np.asarray(v) for k, v in leaves.items()}
+    for key, value in arrays.items():
+        if value.shape != (units,):
+            raise ValueError(
+                f"{title} {norm.name!r}: {key} has shape {value.shape}, but it follows "
+                f"{before!r} with {units} output units; shrink follows a normalisation over "
+                f"the last axis only, with entries of shape ({units},)"
+            )
+    return arrays
+
+
+def _units(indices: np.ndarray) -> str:
+    shown = ", ".join(str(int(i)) for i in indices[:8])
+    return f"[{shown}{', ...' if len(indices) > 8 else ''}]"
+
+
+def _check_norm(
+    norm: Norm, arrays: dict[str, np.ndarray], dead: np.ndarray, layer: str, after: str
+) -> None:
+    """Raises a ValueError, naming the layer and the units, unless deleting the ``dead`` units
+    (whose input to the normalisation is exactly 0) leaves every other output unchanged and
+    the deleted outputs of the normalisation are exactly 0."""
+    title = _NORM_TITLES[norm.kind]
+    split = (
+        f"to keep {layer!r} whole, split the chain into one that ends at {layer!r} and one "
+        f"that starts at {after!r}"
+    )
+    if not dead.any():
+        return
+    if norm.kind in ("layer", "rms"):
+        statistic = "mean and variance" if norm.kind == "layer" else "mean square"
+        raise ValueError(
+            f"shrink cannot delete units {_units(np.flatnonzero(dead))} of {layer!r}: "
+            f"{title} {norm.name!r} normalises over all {dead.size} of its units, and a "
+            f"deleted unit, although exactly 0, counts in the {statistic} (a sum divided by "
+            f"{dead.size}), so every other output would change; {split}"
+        )
+    bias = arrays.get("bias", np.zeros(dead.size))
+    if norm.kind == "group":
+        size = norm.group_size_for(dead.size)
+        per_group = dead.reshape(-1, size)
+        partial = per_group.any(1) & ~per_group.all(1)
+        if partial.any():
+            raise ValueError(
+                f"shrink cannot delete units {_units(np.flatnonzero(dead))} of {layer!r}: "
+                f"{title} {norm.name!r} takes its statistics over groups of {size} channels, "
+                f"and groups {_units(np.flatnonzero(partial))} mix dead and live channels, so "
+                f"deleting the dead ones would change the others; only whole groups can go "
+                f"(group the sparsity by norm group, or {split})"
+            )
+        # A whole zero group normalises to 0 and leaves as its bias.
+        nonzero = dead & (bias != 0)
+        reason = "its bias, which is not 0"
+    else:
+        # 0 leaves BatchNorm as bias in training mode (batch mean and variance 0) and as
+        # bias - mean * scale / sqrt(var + eps) with the running averages.
+        mean = arrays.get("mean", arrays.get("stats/mean"))
+        scale = arrays.get("scale", np.ones(dead.size))
+        nonzero = dead & ((bias != 0) | ((scale != 0) & (mean != 0)))
+        reason = (
+            "bias (training mode) or bias - mean * scale / sqrt(var + eps) (running averages), "
+            "not both 0; that needs bias = 0 and scale * mean = 0"
+        )
+    if nonzero.any():
+        raise ValueError(
+            f"shrink cannot delete units {_units(np.flatnonzero(nonzero))} of {layer!r}: their "
+            f"input to {title} {norm.name!r} is 0 but they leave it as {reason}, so {after!r} "
+            f"receives a constant from them and its outputs would change; {split}"
+        )
+
+
+def _parse_chain(chain: Sequence[str | Norm]) -> list[tuple[str, list[Norm], str]]:
+    """``[(layer, norms after it, next layer), ...]`` from a chain of names and Norms."""
     chain = list(chain)
-    if len(chain) < 2:
-        raise ValueError(f"chain must name at least 2 layers in data-flow order, got {chain}")
+    for entry in chain:
+        if not isinstance(entry, str | Norm):
+            raise TypeError(
+                f"chain entries must be layer names (str) or autosize.Norm, got {entry!r}"
+            )
+    layers = [i for i, entry in enumerate(chain) if isinstance(entry, str)]
+    if len(layers) < 2 or layers[0] != 0 or layers[-1] != len(chain) - 1:
+        raise ValueError(
+            "chain must name at least 2 layers in data-flow order, starting and ending with a "
+            f"layer (Norm entries only between layers), got {chain}"
+        )
+    names = [entry.name if isinstance(entry, Norm) else entry for entry in chain]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"chain names {repeated} more than once")
+    return [(chain[i], list(chain[i + 1 : j]), chain[j]) for i, j in itertools.pairwise(layers)]
+
+
+def _shrink(
+    params: Mapping, chain: Sequence[str | Norm], batch_stats: Mapping | None
+) -> tuple[dict, dict[str, int], dict | None]:
+    segments = _parse_chain(chain)
     layers = {}
-    for name in chain:
+    for name in [s[0] for s in segments] + [segments[-1][2]]:
         node = _lookup(params, name)
         layers[name] = {k: np.asarray(v) for k, v in node.items()}
         kernel = layers[name]["kernel"]
@@ -230,21 +409,152 @@ def shrink(params: Mapping, chain: Sequence[str]) -> tuple[dict, dict[str, int]]
             raise ValueError(
                 f"parameter {name}/bias has shape {bias.shape}, expected ({kernel.shape[-1]},)"
             )
+    norms: dict[str, dict[str, np.ndarray]] = {}
     widths = {}
-    for previous, name in itertools.pairwise(chain):
+    for previous, between, name in segments:
         layer = layers[previous]
         keep = np.asarray(unit_is_live(layer["kernel"], layer.get("bias")))
+        if not keep.any():
+            raise ValueError(
+                f"every unit of {previous!r} is dead (all {keep.size} groups exactly 0): "
+                f"{name!r} and everything after it compute a constant, and a layer of width 0 "
+                "cannot be rebuilt (flax's initialisers divide by the fan-in); shrink refuses "
+                "rather than return width 0"
+            )
+        for norm in between:
+            norms[norm.name] = _norm_leaves(norm, params, batch_stats, keep.size, previous)
+            _check_norm(norm, norms[norm.name], ~keep, previous, name)
         layers[name]["kernel"] = _slice_inputs(
             layers[name]["kernel"], keep, name, previous, layer["kernel"].ndim > 2
         )
         layer["kernel"] = np.compress(keep, layer["kernel"], axis=-1)
         if "bias" in layer:
             layer["bias"] = layer["bias"][keep]
+        for norm in between:
+            norms[norm.name] = {k: v[keep] for k, v in norms[norm.name].items()}
+            widths[norm.name] = int(keep.sum())
         widths[previous] = int(keep.sum())
-    widths[chain[-1]] = int(layers[chain[-1]]["kernel"].shape[-1])
+    last = segments[-1][2]
+    widths[last] = int(layers[last]["kernel"].shape[-1])
     out = dict(params)
-    for name, layer in layers.items():
-        node = dict(_lookup(params, name))
-        node.update(layer)
-        out = _replace(out, name.split("/") if name else [], node)
+    stats_out = None if batch_stats is None else dict(batch_stats)
+    for name, node in [*layers.items(), *norms.items()]:
+        own = {k: v for k, v in node.items() if not k.startswith("stats/")}
+        merged = dict(_node(params, name, "layer"))
+        merged.update({next(k for k in merged if str(k) == key): v for key, v in own.items()})
+        out = _replace(out, name.split("/") if name else [], merged)
+        stats = {k[len("stats/") :]: v for k, v in node.items() if k.startswith("stats/")}
+        if stats:
+            merged = dict(_node(batch_stats, name, "batch_stats of"))
+            merged.update({next(k for k in merged if str(k) == key): v for key, v in stats.items()})
+            stats_out = _replace(stats_out, name.split("/") if name else [], merged)
+    return out, widths, stats_out
+
+
+def shrink(params: Mapping, chain: Sequence[str | Norm]) -> tuple[dict, dict[str, int]]:
+    r"""Deletes the dead units of a chain of layers, keeping the network's function.
+
+    For each layer of ``chain`` but the last (whose outputs are the model's), the output units
+    whose group (kernel slice and bias) is exactly zero are removed from its kernel and bias,
+    and the matching inputs from the next layer's kernel: rows of a Dense kernel, the input
+    channels of a Conv kernel, or, for Conv -> flatten -> Dense, every flattened position of
+    that channel. Layers are processed in order, so a unit left without live inputs and with a
+    zero bias is removed too. The outputs are unchanged when the activation maps 0 to 0
+    (ReLU, tanh; pooling in between is fine).
+
+    Normalisation layers between two chain layers must be listed in the chain as
+    :class:`Norm` entries (shrink cannot see the model's data flow; a norm left out keeps its
+    old width and the rebuilt model fails to load). A dead unit reaches the normalisation as
+    an exact 0, and shrink deletes it there too only when that is exact:
+
+    * BatchNorm normalises each channel alone, :math:`y_j = (x_j - \mu_j)\,\gamma_j /
+      \sqrt{\sigma_j^2 + \epsilon} + \beta_j`; a zero channel leaves it as :math:`\beta_j`
+      (batch statistics 0) or :math:`\beta_j - \mu_j \gamma_j / \sqrt{\sigma_j^2 +
+      \epsilon}` (running averages), so it is deleted (with its scale, bias, mean and var)
+      when :math:`\beta_j = 0` and :math:`\gamma_j \mu_j = 0`;
+    * GroupNorm's statistics mix the channels of a group: only whole dead groups whose bias is
+      0 are deleted (the remaining groups keep their statistics; rebuild with the same
+      ``group_size``, i.e. ``num_groups = widths[name] // group_size``);
+    * LayerNorm and RMSNorm average over all units: a deleted zero still changes the count
+      in the mean and variance (mean square), so no unit can go.
+
+    Anything else raises a ValueError naming the layers, the units and the reason.
+
+    Args:
+      params: parameters (nested mappings of arrays): linen's ``variables["params"]`` (a
+        linen BatchNorm needs :func:`shrink_variables`), or ``nnx.to_pure_dict(state)``.
+      chain: layer names in data-flow order, as :func:`find_layers` names them
+        (``["Dense_0", "Dense_1", "Dense_2"]``), with a :class:`Norm` for each normalisation
+        layer between two of them (``["Conv_0", Norm("GroupNorm_0", "group", num_groups=4),
+        "Conv_1"]``).
+
+    Returns:
+      ``(new_params, widths)``: a copy of ``params`` (plain dicts, numpy arrays for the changed
+      layers) and ``{layer name: number of output units}`` to rebuild the model with (for a
+      :class:`Norm`, its number of channels).
+
+    Raises:
+      ValueError: naming the layer, for an unknown layer, a chain shorter than 2 layers, a
+        layout it cannot follow (input width that does not match the previous layer's units),
+        a deletion through a normalisation that would change the outputs (above), or a layer
+        all of whose units are dead: shrink never returns width 0 (the rest of the network
+        would compute a constant, and flax cannot rebuild a layer of width 0).
+
+    Example::
+
+        >>> small, widths = shrink(params, ["Dense_0", "Dense_1", "Dense_2"])
+        >>> model = zoo.MLP(hidden=(widths["Dense_0"], widths["Dense_1"]))
+    """
+    new_params, widths, _ = _shrink(params, chain, None)
+    return new_params, widths
+
+
+def shrink_variables(
+    variables: Mapping, chain: Sequence[str | Norm]
+) -> tuple[dict, dict[str, int]]:
+    """:func:`shrink` for linen's full variables, which also slices a BatchNorm's running
+    averages in ``variables["batch_stats"]``.
+
+    Args:
+      variables: ``{"params": ..., "batch_stats": ...}`` as ``model.init`` returns them.
+        Other collections are copied unchanged; one with an entry for a chain layer raises
+        (shrink would not know its layout).
+      chain: as for :func:`shrink`.
+
+    Returns:
+      ``(new_variables, widths)``.
+
+    Example::
+
+        >>> small, widths = shrink_variables(
+        ...     variables, ["Conv_0", Norm("BatchNorm_0", "batch"), "Conv_1"])
+    """
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError(
+            "variables must be a mapping with a 'params' collection (and 'batch_stats' for "
+            f"BatchNorm), got {type(variables).__name__}"
+            + (f" with keys {list(variables)}" if isinstance(variables, Mapping) else "")
+        )
+    names = [entry.name if isinstance(entry, Norm) else entry for entry in chain]
+    for collection, tree in variables.items():
+        if collection in ("params", "batch_stats") or not isinstance(tree, Mapping):
+            continue
+        held = [n for n in names if _has_node(tree, n)]
+        if held:
+            raise ValueError(
+                f"variables[{collection!r}] has entries for {held}; shrink_variables slices "
+                "'params' and 'batch_stats' only"
+            )
+    params, widths, stats = _shrink(variables["params"], chain, variables.get("batch_stats"))
+    out = dict(variables)
+    out["params"] = params
+    if stats is not None:
+        out["batch_stats"] = stats
     return out, widths
+
+
+def _has_node(tree: Mapping, name: str) -> bool:
+    try:
+        return _node(tree, name, "layer") is not None
+    except ValueError:
+        return True

@@ -13,6 +13,14 @@ group gives zeros (never NaN) and the result is exactly zero wherever the operat
 NaN in the input stays NaN in the output (it is never turned into a finite value), so a
 training step that checks its updates for finiteness sees it.
 
+A negative strength (or radius, or ``gamma``) has no prox: :math:`tR` is then concave and the
+formulas would grow ``x`` instead of shrinking it. A concrete negative value raises a
+ValueError naming the argument. A traced one (under ``jit``, ``vmap``, ``grad`` or
+``optax.inject_hyperparams``) cannot raise, so every operator returns NaN in every entry
+instead (:math:`\operatorname{prox}_{tR}(x) = \mathrm{NaN}` for :math:`t < 0` or :math:`t`
+NaN): never a silently wrong value. :func:`jaxopt_suite.train.make_step` keeps every
+parameter whose update is not finite, so such a step leaves the parameters unchanged.
+
 Grouped operators (:func:`l21`, :func:`linf1`) take ``group_axis``: a group is the slice of
 ``x`` at one index of that axis, so for a Flax ``Dense`` kernel ``(in, out)`` and
 ``group_axis=-1`` the groups are the output units' incoming weights.
@@ -44,8 +52,9 @@ _PAIRWISE_MAX = 32
 def check_nonnegative(value: Any, name: str) -> None:
     """Raises a ValueError naming ``name`` when a concrete ``value`` is negative.
 
-    Traced values (inside ``jit`` or ``optax.inject_hyperparams``) cannot be inspected and are
-    accepted as they are; schedules (callables) are left to the caller.
+    Traced values (inside ``jit`` or ``optax.inject_hyperparams``) cannot be inspected: the
+    operators of this module turn a negative traced value into a NaN result (see the module
+    docstring); schedules (callables) are left to the caller.
     """
     if isinstance(value, jax.core.Tracer) or callable(value):
         return
@@ -65,10 +74,23 @@ def _check_array(x: ArrayLike) -> jax.Array:
 
 
 def _strength(strength: ArrayLike, dtype: Any, name: str = "strength") -> jax.Array:
+    """``strength`` as a scalar of ``dtype``; NaN when it is negative (or NaN) and traced, so
+    that the operator's result is NaN (a concrete negative value raises)."""
     check_nonnegative(strength, name)
     if jnp.ndim(strength) != 0:
         raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(strength)}")
-    return jnp.asarray(strength, dtype=dtype)
+    return _nan_if_negative(jnp.asarray(strength, dtype=dtype))
+
+
+def _nan_if_negative(t: jax.Array) -> jax.Array:
+    """``t`` where ``t >= 0``, else NaN (also for a NaN ``t``)."""
+    return jnp.where(t >= 0, t, jnp.nan)
+
+
+def _nan_where_nan(result: jax.Array, t: jax.Array) -> jax.Array:
+    """``result``, but NaN everywhere when the strength ``t`` is NaN: for the operators whose
+    comparisons with ``t`` would otherwise fall back to the identity."""
+    return jnp.where(jnp.isnan(t), jnp.asarray(jnp.nan, result.dtype), result)
 
 
 def _group_axis(group_axis: int, ndim: int) -> int:
@@ -93,7 +115,9 @@ def safe_norm(sum_of_squares: jax.Array) -> jax.Array:
 
 def l2_shrinkage(norm: jax.Array, strength: jax.Array) -> jax.Array:
     r"""The factor :math:`\max(0, 1 - t/\lVert x \rVert)` of the l2 prox, exactly 0 when
-    :math:`\lVert x \rVert \le t` (also for a zero group) and NaN when the norm is NaN."""
+    :math:`\lVert x \rVert \le t` (also for a zero group) and NaN when the norm is NaN or
+    :math:`t` is negative or NaN (no check is done here: ``strength`` may be traced)."""
+    strength = _nan_if_negative(jnp.asarray(strength))
     small = norm <= strength
     return jnp.where(small, 0.0, 1.0 - strength / jnp.where(small, 1.0, norm))
 
@@ -128,11 +152,14 @@ def l1_ball_threshold(columns: jax.Array | Sequence[jax.Array], radius: ArrayLik
       radius: the radius :math:`r \ge 0` (a scalar, may be traced).
 
     Returns:
-      :math:`\theta`, shape ``(groups,)``.
+      :math:`\theta`, shape ``(groups,)``; NaN when :math:`r` is negative or NaN (no check is
+      done here: ``radius`` may be traced).
     """
     parts = [columns] if isinstance(columns, jax.Array | np.ndarray) else list(columns)
     cd = _compute_dtype(jnp.result_type(*parts))
-    return _jitted_threshold([jnp.asarray(p, cd) for p in parts], jnp.asarray(radius, cd))
+    r = jnp.asarray(radius, cd)
+    theta = _jitted_threshold([jnp.asarray(p, cd) for p in parts], _nan_if_negative(r))
+    return _nan_where_nan(theta, _nan_if_negative(r))
 
 
 @jax.custom_jvp
@@ -216,7 +243,7 @@ def l1(x: ArrayLike, strength: ArrayLike) -> jax.Array:
 
     Args:
       x: a floating-point array of any shape.
-      strength: :math:`t \ge 0`, a scalar.
+      strength: :math:`t \ge 0`, a scalar (traced and negative: the result is NaN).
 
     Returns:
       An array like ``x``; exactly 0 where :math:`\lvert x_i \rvert \le t`.
@@ -239,7 +266,7 @@ def l2(x: ArrayLike, strength: ArrayLike) -> jax.Array:
 
     Args:
       x: a floating-point array of any shape.
-      strength: :math:`t \ge 0`, a scalar.
+      strength: :math:`t \ge 0`, a scalar (traced and negative: the result is NaN).
 
     Returns:
       An array like ``x``; exactly 0 when :math:`\lVert x \rVert_2 \le t`.
@@ -263,7 +290,7 @@ def l21(x: ArrayLike, strength: ArrayLike, group_axis: int = -1) -> jax.Array:
 
     Args:
       x: a floating-point array with at least one axis.
-      strength: :math:`t \ge 0`, a scalar.
+      strength: :math:`t \ge 0`, a scalar (traced and negative: the result is NaN).
       group_axis: group :math:`g` is ``x`` at index :math:`g` of this axis (every other axis
         belongs to the group).
 
@@ -294,7 +321,7 @@ def project_l1_ball(x: ArrayLike, radius: ArrayLike) -> jax.Array:
 
     Args:
       x: a floating-point array of any shape.
-      radius: :math:`r \ge 0`, a scalar.
+      radius: :math:`r \ge 0`, a scalar (traced and negative: the result is NaN).
 
     Returns:
       An array like ``x``.
@@ -322,7 +349,7 @@ def linf(x: ArrayLike, strength: ArrayLike) -> jax.Array:
 
     Args:
       x: a floating-point array of any shape.
-      strength: :math:`t \ge 0`, a scalar.
+      strength: :math:`t \ge 0`, a scalar (traced and negative: the result is NaN).
 
     Returns:
       An array like ``x``; exactly 0 when :math:`\lVert x \rVert_1 \le t`.
@@ -353,7 +380,7 @@ def linf1(x: ArrayLike, strength: ArrayLike, group_axis: int = -1) -> jax.Array:
 
     Args:
       x: a floating-point array with at least one axis.
-      strength: :math:`t \ge 0`, a scalar.
+      strength: :math:`t \ge 0`, a scalar (traced and negative: the result is NaN).
       group_axis: group :math:`g` is ``x`` at index :math:`g` of this axis.
 
     Returns:
@@ -384,8 +411,9 @@ def elastic_net(x: ArrayLike, strength: ArrayLike, gamma: ArrayLike = 1.0) -> ja
 
     Args:
       x: a floating-point array of any shape.
-      strength: :math:`t \ge 0`, a scalar.
-      gamma: :math:`\gamma \ge 0`, the weight of the quadratic term (a scalar).
+      strength: :math:`t \ge 0`, a scalar (traced and negative: the result is NaN).
+      gamma: :math:`\gamma \ge 0`, the weight of the quadratic term (a scalar; traced and
+        negative: the result is NaN).
 
     Returns:
       An array like ``x``; exactly 0 where :math:`\lvert x_i \rvert \le t`.
@@ -406,7 +434,7 @@ def log_barrier(x: ArrayLike, strength: ArrayLike) -> jax.Array:
 
     Args:
       x: a floating-point array of any shape.
-      strength: :math:`t \ge 0`, a scalar.
+      strength: :math:`t \ge 0`, a scalar (traced and negative: the result is NaN).
 
     Returns:
       An array like ``x``, positive where :math:`t > 0`.
@@ -419,7 +447,7 @@ def log_barrier(x: ArrayLike, strength: ArrayLike) -> jax.Array:
     root = jnp.sqrt(jnp.where(positive, jnp.square(xc) + 4 * t, 1.0))
     denominator = jnp.where(positive & ~(xc >= 0), root - xc, 1.0)  # NaN stays NaN
     value = jnp.where(xc >= 0, (xc + root) / 2, 2 * t / denominator)
-    return jnp.where(positive, value, xc).astype(x.dtype)
+    return _nan_where_nan(jnp.where(positive, value, xc), t).astype(x.dtype)
 
 
 def l0(x: ArrayLike, strength: ArrayLike) -> jax.Array:
@@ -433,7 +461,7 @@ def l0(x: ArrayLike, strength: ArrayLike) -> jax.Array:
 
     Args:
       x: a floating-point array of any shape.
-      strength: :math:`t \ge 0`, a scalar.
+      strength: :math:`t \ge 0`, a scalar (traced and negative: the result is NaN).
 
     Returns:
       An array like ``x``.
@@ -442,4 +470,4 @@ def l0(x: ArrayLike, strength: ArrayLike) -> jax.Array:
     cd = _compute_dtype(x.dtype)
     t = _strength(strength, cd)
     small = jnp.abs(x.astype(cd)) <= jnp.sqrt(2 * t)
-    return jnp.where(small, jnp.zeros_like(x), x)
+    return _nan_where_nan(jnp.where(small, jnp.zeros_like(x), x), t)

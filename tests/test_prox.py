@@ -14,12 +14,14 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.optimize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxopt_suite import prox
+from jaxopt_suite import prox, train
+from jaxopt_suite.proximal import proximal
 
 RNG = np.random.default_rng(0)
 
@@ -319,6 +321,67 @@ def test_dtypes_are_kept(name):
 def test_nan_is_never_hidden(name):
     x = jnp.asarray(RNG.normal(size=(5, 3)), jnp.float32).at[2, 1].set(jnp.nan)
     assert not np.all(np.isfinite(ALL_OPERATORS[name](x, 0.3)))
+
+
+NEGATIVE_STRENGTH_OPERATORS = {
+    **ALL_OPERATORS,
+    "project_l1_ball": prox.project_l1_ball,
+    "elastic_net_negative_gamma": lambda x, t: prox.elastic_net(x, jnp.abs(t), gamma=t),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEGATIVE_STRENGTH_OPERATORS))
+@pytest.mark.parametrize("size", [6, 60], ids=["pairwise", "newton"])  # both l1-ball paths
+def test_traced_negative_strength_gives_nan_everywhere(name, size):
+    """Under jit a negative strength cannot raise; every entry is NaN instead of the grown
+    (l1 with t < 0 would give sign(x)(|x| + |t|)) or unchanged (l0, log_barrier) values, and
+    zeros of x are NaN too. A valid strength in the same compiled function is unaffected."""
+    fn = jax.jit(NEGATIVE_STRENGTH_OPERATORS[name])
+    x = jnp.asarray(RNG.normal(size=(size, 2)), jnp.float32).at[0].set(0.0)
+    for t in (-1.0, -1e-30, np.nan):
+        out = fn(x, jnp.float32(t))
+        assert out.shape == x.shape
+        assert np.all(np.isnan(out)), (t, out)
+    valid = NEGATIVE_STRENGTH_OPERATORS[name](x, 0.3)
+    np.testing.assert_allclose(fn(x, jnp.float32(0.3)), valid, rtol=1e-6, atol=1e-7)
+    assert np.all(np.isfinite(valid))
+
+
+def test_traced_negative_strength_through_vmap_only_hits_its_own_row():
+    xs = jnp.asarray(RNG.normal(size=(2, 5)), jnp.float32)
+    out = jax.jit(jax.vmap(prox.l1))(xs, jnp.array([0.5, -0.5], jnp.float32))
+    np.testing.assert_array_equal(out[0], prox.l1(xs[0], 0.5))
+    assert np.all(np.isnan(out[1]))
+
+
+def test_public_helpers_give_nan_for_a_negative_strength():
+    norm = jnp.array([0.0, 0.5, 2.0])
+    np.testing.assert_allclose(prox.l2_shrinkage(norm, 1.0), [0.0, 0.0, 0.5])
+    assert np.all(np.isnan(jax.jit(prox.l2_shrinkage)(norm, -1.0)))
+    columns = jnp.abs(jnp.asarray(RNG.normal(size=(40, 3)), jnp.float32))
+    for rows in (5, 40):  # the pairwise and the Newton path
+        theta = jax.jit(prox.l1_ball_threshold)(columns[:rows], -0.5)
+        assert theta.shape == (3,) and np.all(np.isnan(theta))
+
+
+def test_training_step_refuses_a_negative_traced_strength():
+    """proximal(prox.l1) with an injected negative reg: the updates are NaN, and
+    train.make_step keeps every parameter (a positive reg does move them)."""
+    params = {"w": jnp.asarray(RNG.normal(size=(3, 2)), jnp.float32)}
+    problem = train.Problem(lambda p, x: x @ p["w"])
+    images = jnp.asarray(RNG.normal(size=(4, 3)), jnp.float32)
+    labels = jnp.array([0, 1, 0, 1])
+    for reg, moved in ((-0.1, False), (0.1, True)):
+        tx = optax.chain(
+            optax.sgd(0.1),
+            optax.inject_hyperparams(proximal, static_args="prox_fn")(prox.l1, 0.1, 0.1),
+        )
+        state = train.init_state(params, tx, jax.random.key(0))
+        state.opt_state[1].hyperparams["reg"] = jnp.float32(reg)
+        step = jax.jit(train.make_step(problem, tx, preprocess=lambda x: x))
+        new_state, _ = step(state, images, labels)
+        assert np.all(np.isfinite(new_state.params["w"]))
+        assert np.any(new_state.params["w"] != params["w"]) == moved
 
 
 def test_any_shape():

@@ -8,6 +8,7 @@ the plain layer from brute-force autodiff (which also checks that the channels d
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -168,14 +169,42 @@ def test_proxprop_module_rejects_non_modules():
 # ---------------------------------------------------------------- solvers
 
 
-@pytest.mark.parametrize("n, block", [(5, 64), (70, 32), (40, 16)])
-def test_spd_solve_matches_numpy(n, block):
+def _spd_problem(n, rhs_shape):
     x = np.random.default_rng(n).standard_normal((n, n // 2 + 1))
     m = x @ x.T + 0.1 * np.eye(n)  # rank-deficient Gram plus damping, as in ProxProp
-    rhs = np.random.default_rng(1).standard_normal((n, 3))
+    return m, np.random.default_rng(1).standard_normal(rhs_shape)
+
+
+# n below, at, one above and not a multiple of the block; the sizes of the reported failures
+# (136, 1056 and 1089 parameters of a DenseGeneral layer, with the default block of 64).
+SPD_SIZES = [(1, 64), (5, 64), (63, 64), (64, 64), (65, 64), (129, 64), (70, 32), (40, 16)]
+SPD_SIZES += [(7, 3), (9, 1), (136, 64), (1056, 64), (1089, 64)]
+
+
+@pytest.mark.parametrize("n, block", SPD_SIZES)
+@pytest.mark.parametrize("columns", [3, None], ids=["matrix-rhs", "vector-rhs"])
+def test_spd_solve_matches_numpy(n, block, columns):
+    m, rhs = _spd_problem(n, (n, columns) if columns else (n,))
     expected = np.linalg.solve(m, rhs)
-    got = jax.jit(spd_solve, static_argnums=2)(jnp.asarray(m, jnp.float32), jnp.asarray(rhs), block)
-    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    solve = jax.jit(spd_solve, static_argnums=2)
+    got = solve(jnp.asarray(m, jnp.float32), jnp.asarray(rhs, jnp.float32), block)
+    assert got.shape == rhs.shape
+    # float32 Cholesky: the error grows with the condition number (about 1e4 .. 1e5 here)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=2e-3 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    "matrix_shape, rhs_shape, block, match",
+    [
+        ((3, 4), (3,), 64, "matrix must be square"),
+        ((3, 3), (4,), 64, r"rhs must have shape \(3,\) or \(3, k\)"),
+        ((3, 3), (3, 1, 1), 64, "rhs must have shape"),
+        ((3, 3), (3,), 0, "block must be an int >= 1"),
+    ],
+)
+def test_spd_solve_rejects_bad_shapes(matrix_shape, rhs_shape, block, match):
+    with pytest.raises(ValueError, match=match):
+        spd_solve(jnp.ones(matrix_shape), jnp.ones(rhs_shape), block)
 
 
 # ---------------------------------------------------------------- Dense maths
@@ -366,6 +395,29 @@ def test_generic_cg1_is_one_cauchy_step_on_all_parameters():
     np.testing.assert_allclose(got, alpha * g, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize(
+    "features, fan_in", [((2, 4), 16), ((32,), 32), ((3, 11), 32)], ids=["136", "1056", "1089"]
+)
+def test_generic_dense_general_exact_of_reported_sizes(features, fan_in):
+    """The reported failures: 136, 1056 and 1089 parameters, not multiples of spd_solve's
+    block of 64 (15, 20 and 2112 worked). The direction is the brute-force solve of
+    (J^T J + I/tau) d = grad with J the layer's Jacobian in its parameters."""
+    layer = proxprop_module(nn.DenseGeneral)(features, tau_prox=0.3, optimization_mode="prox_exact")
+    plain = nn.DenseGeneral(features)
+    x = jnp.asarray(_rand(30, 3, fan_in))
+    params = plain.init(jax.random.key(0), x)
+    t = jnp.asarray(_rand(31, *plain.apply(params, x).shape))
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    assert flat.size == {(2, 4): 136, (32,): 1056, (3, 11): 1089}[tuple(features)]
+    loss = lambda m: lambda p: 0.5 * jnp.sum((m.apply(p, x) - t) ** 2)
+    got = jax.flatten_util.ravel_pytree(_jgrad(loss(layer))(params))[0]
+    jac = jax.jit(jax.jacfwd(lambda f: plain.apply(unravel(f), x).ravel()))(flat)
+    jac = np.asarray(jac, np.float64)
+    g = np.asarray(jax.flatten_util.ravel_pytree(_jgrad(loss(plain))(params))[0], np.float64)
+    expected = np.linalg.solve(jac.T @ jac + np.eye(len(g)) / 0.3, g)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+
+
 def test_generic_conv_transpose_exact_matches_jacobian_system():
     layer_cls = proxprop_module(nn.ConvTranspose)
     x = jnp.asarray(_rand(20, 2, 3, 3, 2))
@@ -478,6 +530,60 @@ def test_parameters_interchange_with_plain_layers():
         p_prox = prox.init(jax.random.key(7), x)
         jax.tree.map(np.testing.assert_array_equal, p_plain, p_prox)  # same init, too
         np.testing.assert_allclose(prox.apply(p_plain, x), plain.apply(p_plain, x), rtol=1e-6)
+
+
+class _AutoNamed(nn.Module):
+    """Unnamed layers in a compact method, as a user writes them: flax names them."""
+
+    dense: Any = nn.Dense
+    conv: Any = nn.Conv
+    general: Any = nn.DenseGeneral
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(self.conv(3, (3, 3))(x))
+        x = nn.relu(self.conv(2, (3, 3), padding="VALID")(x)).reshape(x.shape[0], -1)
+        x = nn.relu(self.dense(5)(x))
+        x = nn.relu(nn.Dense(4)(x))  # stays plain: shares the Dense_<i> counter
+        x = self.general((2, 2))(x).reshape(x.shape[0], -1)
+        x = nn.remat(self.dense)(3)(x)
+        return self.dense(2, name="head")(x)
+
+
+def test_auto_named_proxprop_layers_take_the_plain_names():
+    x = jnp.asarray(_rand(40, 2, 5, 5, 1))
+    plain = _AutoNamed()
+    prox = _AutoNamed(
+        dense=functools.partial(ProxPropDense, tau_prox=0.1, optimization_mode="prox_exact"),
+        conv=functools.partial(ProxPropConv, optimization_mode="prox_cg2"),
+        general=proxprop_module(nn.DenseGeneral),
+    )
+    params = plain.init(jax.random.key(0), x)
+    names = {"Conv_0", "Conv_1", "Dense_0", "Dense_1", "DenseGeneral_0", "CheckpointDense_0"}
+    assert set(params["params"]) == names | {"head"}
+    shapes = lambda tree: jax.tree.map(jnp.shape, tree)
+    assert shapes(prox.init(jax.random.key(0), x)) == shapes(params)
+    # the plain model's parameters (a checkpoint of it) run the ProxProp model unchanged
+    np.testing.assert_allclose(prox.apply(params, x), plain.apply(params, x), rtol=1e-6)
+
+
+def test_setup_and_explicit_names_are_kept():
+    class Named(nn.Module):
+        def setup(self):
+            self.first = ProxPropDense(3)
+            self.second = proxprop_module(nn.DenseGeneral)(2)
+
+        def __call__(self, x):
+            return self.second(self.first(x))
+
+    class Explicit(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return ProxPropDense(2, name="ProxPropDense_0")(ProxPropDense(3, name="mine")(x))
+
+    x = jnp.ones((2, 4))
+    assert set(Named().init(jax.random.key(0), x)["params"]) == {"first", "second"}
+    assert set(Explicit().init(jax.random.key(0), x)["params"]) == {"mine", "ProxPropDense_0"}
 
 
 def test_zoo_models_take_proxprop_layers():

@@ -5,6 +5,15 @@ The layers only hold parameters and call the pure ops of :mod:`jaxopt_suite.prox
 are subclasses of the plain layers with two more attributes, ``tau_prox`` and
 ``optimization_mode``, and create the same parameters (names, shapes, initialisers), so
 parameters trained with one load into the other.
+
+They also take the plain layer's automatic name: flax names an unnamed submodule of a compact
+method ``f"{type(layer).__name__}_{i}"`` with one counter per prefix, so a ``ProxPropDense``
+would be ``ProxPropDense_0`` and a checkpoint of the plain model would not load. A ProxProp
+layer instead counts and names itself as the layer it replaces (``Dense_0``, ``Conv_1``,
+``DenseGeneral_0``; a flax lifted version such as ``nn.remat(ProxPropDense)`` as
+``CheckpointDense_0``), so swapping ``nn.Dense`` for ``ProxPropDense`` keeps the parameter tree,
+also in a model that mixes both. Explicit names (``name=`` or ``setup`` attributes) are kept as
+they are; nnx has no automatic names (attributes name the parameters).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from flax.linen import module as linen_module
 
 from jaxopt_suite.proxprop import ops, solvers
 
@@ -23,6 +33,30 @@ PROXPROP_FIELDS = ("tau_prox", "optimization_mode")
 def _validate(module: nn.Module) -> None:
     solvers.parse_mode(module.optimization_mode)
     solvers.check_tau(module.tau_prox)
+
+
+def _autoname_as_plain(module: nn.Module, proxprop_name: str, plain_name: str) -> None:
+    """Names an unnamed ``module`` as flax would name the plain layer it replaces.
+
+    Called before ``nn.Module.__post_init__``, which otherwise names it
+    ``f"{type(module).__name__}_{i}"`` from the parent's per-prefix counter; this takes the
+    same counter and the same rule with ``proxprop_name`` replaced by ``plain_name`` in the
+    class name. Only for submodules created in a compact method: ``setup`` attributes, top-level
+    and explicitly named modules are left to flax.
+    """
+    if module.name is not None:
+        return
+    parent = module.parent
+    if parent is linen_module._unspecified_parent:
+        parent = linen_module._context.module_stack[-1]
+    if not isinstance(parent, nn.Module) or parent._state.in_setup:
+        return
+    if not parent._initialization_allowed:
+        return  # flax raises its own error (a submodule outside setup or a compact method)
+    prefix = type(module).__name__.replace(proxprop_name, plain_name)
+    cursor = parent._state.autoname_cursor.get(prefix, 0)
+    object.__setattr__(module, "name", f"{prefix}_{cursor}")
+    parent._state.autoname_cursor[prefix] = cursor + 1
 
 
 def _plain_fields(module: nn.Module, base: type[nn.Module]) -> dict[str, Any]:
@@ -66,6 +100,7 @@ class ProxPropDense(nn.Dense):
 
     def __post_init__(self) -> None:
         _validate(self)
+        _autoname_as_plain(self, "ProxPropDense", "Dense")
         super().__post_init__()
 
     @nn.compact
@@ -135,6 +170,7 @@ class ProxPropConv(nn.Conv):
 
     def __post_init__(self) -> None:
         _validate(self)
+        _autoname_as_plain(self, "ProxPropConv", "Conv")
         super().__post_init__()
 
     @nn.compact
@@ -171,7 +207,8 @@ def proxprop_module(module_cls: type[nn.Module]) -> type[nn.Module]:
 
     The returned class subclasses ``module_cls``, takes the same arguments plus ``tau_prox``
     (default 1) and ``optimization_mode`` (default ``"prox_cg1"``), creates the same
-    parameters, and computes its output with the original layer. Its backward pass treats all
+    parameters under the same automatic name (``DenseGeneral_0``, see the module docstring),
+    and computes its output with the original layer. Its backward pass treats all
     parameters as one vector :math:`\\Theta` and hands the optimizer
 
     .. math::
@@ -207,6 +244,7 @@ def proxprop_module(module_cls: type[nn.Module]) -> type[nn.Module]:
 
     def __post_init__(self) -> None:
         _validate(self)
+        _autoname_as_plain(self, name, module_cls.__name__)
         module_cls.__post_init__(self)
 
     @nn.compact

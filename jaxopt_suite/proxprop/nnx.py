@@ -2,7 +2,10 @@
 
 They subclass the plain layers (same constructor, same ``kernel``/``bias`` parameters) with two
 more keyword arguments, ``tau_prox`` and ``optimization_mode``, and call the pure ops of
-:mod:`jaxopt_suite.proxprop.ops`, exactly as the linen layers do.
+:mod:`jaxopt_suite.proxprop.ops`, exactly as the linen layers do. nnx has no automatic names:
+the attribute that holds a layer names its parameters, so a ``ProxPropLinear`` assigned to the
+attribute that held the ``nnx.Linear`` gives the same state tree, and the plain model's state
+loads into it.
 """
 
 from __future__ import annotations

@@ -206,22 +206,42 @@ def _lower_inverse(low: jax.Array) -> jax.Array:
 
 def spd_solve(matrix: jax.Array, rhs: jax.Array, block: int = 64) -> jax.Array:
     """Solves :math:`M X = B` for a symmetric positive definite :math:`M` by a blocked
-    Cholesky factorisation :math:`M = L L^\top` written in XLA operations.
+    Cholesky factorisation :math:`M = L L^\\top` written in XLA operations.
 
     Right-looking blocked Cholesky; the off-diagonal panels and both substitutions use the
     inverses of the small diagonal blocks, so almost all the work is matrix products. It avoids
     LAPACK on purpose: on CPU jaxlib calls scipy's OpenBLAS, whose threads contend with XLA's
     on a small shared machine (measured 4-20x slower there); accuracy matches LAPACK's.
 
+    When ``n`` is not a multiple of the block, :math:`M` is padded to
+    :math:`\\operatorname{diag}(M, I)` and :math:`B` with zero rows; the padded unknowns are 0
+    and are dropped.
+
     Args:
       matrix: ``(n, n)``, symmetric positive definite.
-      rhs: ``(n, k)``.
-      block: the block size (static).
+      rhs: ``(n, k)``, or ``(n,)`` for one right-hand side.
+      block: the block size (static), an int >= 1.
 
     Returns:
-      ``X``, ``(n, k)``.
+      ``X``, shaped like ``rhs``.
+
+    Raises:
+      ValueError: ``matrix`` is not square, ``rhs`` is not ``(n,)`` or ``(n, k)``, or
+        ``block`` is not a positive int.
     """
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"matrix must be square (n, n), got shape {matrix.shape}")
     n = matrix.shape[0]
+    if rhs.ndim not in (1, 2) or rhs.shape[0] != n:
+        raise ValueError(
+            f"rhs must have shape ({n},) or ({n}, k) for a {n} x {n} matrix, got {rhs.shape}"
+        )
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an int >= 1, got {block!r}")
+    if rhs.ndim == 1:  # one right-hand side: solve it as a column
+        return spd_solve(matrix, rhs[:, None], block)[:, 0]
+    if n == 0:
+        return rhs
     block = min(block, n)
     count = -(-n // block)
     size = count * block
@@ -263,7 +283,8 @@ def spd_solve(matrix: jax.Array, rhs: jax.Array, block: int = 64) -> jax.Array:
 
 def damped_solve(gram: jax.Array, beta: jax.Array, rhs: jax.Array) -> jax.Array:
     """Solves :math:`(G + \\beta I) X = B` for a symmetric positive semi-definite Gram matrix
-    :math:`G` (all columns of ``rhs`` at once), by :func:`spd_solve`."""
+    :math:`G` (all columns of ``rhs`` at once; ``rhs`` is ``(n, k)`` or ``(n,)``), by
+    :func:`spd_solve`."""
     return spd_solve(gram + beta * jnp.eye(gram.shape[0], dtype=gram.dtype), rhs)
 
 
