@@ -19,9 +19,8 @@ import pytest
 import scipy.optimize
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jaxopt_suite.proximal import proximal
 
-from jaxopt_suite import prox, train
+from jaxopt_suite import prox, proximal, train
 
 RNG = np.random.default_rng(0)
 

@@ -25,9 +25,8 @@ applied as the Gauss-Newton product :math:`J^\\top J`, jvp then vjp).
 Precision: with bfloat16 or float16 inputs and parameters, the forward pass, the input
 cotangent and the ``"gradient"`` mode stay in the given dtypes; the proximal solve (Gram
 matrix, CG products, inner products and iterates, Cholesky factor and substitutions) runs in
-float32 on upcast copies, and the direction is cast back to each parameter's dtype. A solve in
-bfloat16 loses 1-2 % of the direction (measured against float64 on exactly representable
-inputs) on top of the final rounding.
+float32 on upcast copies (a solve in bfloat16 itself would lose a visible part of the
+direction), and the direction is cast back to each parameter's dtype.
 """
 
 from __future__ import annotations

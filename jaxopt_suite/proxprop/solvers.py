@@ -211,7 +211,7 @@ def spd_solve(matrix: jax.Array, rhs: jax.Array, block: int = 64) -> jax.Array:
     Right-looking blocked Cholesky; the off-diagonal panels and both substitutions use the
     inverses of the small diagonal blocks, so almost all the work is matrix products. It avoids
     LAPACK on purpose: on CPU jaxlib calls scipy's OpenBLAS, whose threads contend with XLA's
-    on a small shared machine (measured 4-20x slower there); accuracy matches LAPACK's.
+    (timings: ``benchmarks/results/proxprop.md``); accuracy matches LAPACK's.
 
     When ``n`` is not a multiple of the block, :math:`M` is padded to
     :math:`\\operatorname{diag}(M, I)` and :math:`B` with zero rows; the padded unknowns are 0

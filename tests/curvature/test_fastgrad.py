@@ -143,8 +143,8 @@ class _NnxCNN(nnx.Module):
         return self.dense(x.reshape(x.shape[0], -1))
 
 
-# linen CNNs with max-pooling take the fast backward in tests/test_curvature.py and
-# tests/test_curvature_models.py (against brute force); here an nnx one, against the engine's
+# linen CNNs with max-pooling take the fast backward in tests/curvature/test_engine.py and
+# tests/curvature/test_models.py (against brute force); here an nnx one, against the engine's
 # generic path (per-sample VJPs, no recorder).
 def test_nnx_engine_with_fast_backward_matches_the_generic_path():
     x = jax.random.normal(jax.random.key(0), (3, 6, 6, 2))

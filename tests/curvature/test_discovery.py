@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxopt_suite import curvature
-from tests.test_curvature import check_all
+from tests.curvature.helpers import check_all
 
 N = 3
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxopt_suite import curvature
-from tests.test_curvature import MLP, check_all, init, linen_apply, rand
+from tests.curvature.helpers import MLP, check_all, init, linen_apply, rand
 
 
 def coupled_one(out, y):
