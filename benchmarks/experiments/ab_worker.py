@@ -21,11 +21,12 @@ from jaxopt_suite import curvature, fwdgrad, train, zoo
 
 
 def _value_fn_gradient():
+    """``value_fn_gradient`` from the harness (after the refactor) or from fwdgrad (before)."""
     try:
-        from jaxopt_suite.harness import recipes
+        from jaxopt_suite.harness import train as harness_train
 
-        return recipes.value_fn_gradient
-    except (ImportError, AttributeError):
+        return harness_train.value_fn_gradient
+    except ImportError:
         return fwdgrad.value_fn_gradient
 
 
