@@ -90,9 +90,12 @@ def main(argv: list[str] | None = None) -> None:
         try:
             load_before = _load()
             memory = {label: {} for label in workers}
+            program = {label: {} for label in workers}
             for name in names:
                 for label, w in workers.items():
-                    memory[label][name] = w.ask(cmd="setup", workload=name)["temp_mb"]
+                    reply = w.ask(cmd="setup", workload=name)
+                    memory[label][name] = reply["temp_mb"]
+                    program[label][name] = reply["program"]
             samples = {name: {"old": [], "new": []} for name in names}
             order = ["old", "new"]
             for r in range(args.warmup + args.repeats):
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                 "ratio_p75": float(np.percentile(ratios, 75)),
                 "old_temp_mb": memory["old"][name],
                 "new_temp_mb": memory["new"][name],
+                "same_program": program["old"][name] == program["new"][name],
             }
         )
     result = {
@@ -144,16 +148,18 @@ def main(argv: list[str] | None = None) -> None:
         f"`python -m benchmarks.experiments.ab_commits --old {args.old} --new {args.new}"
         f" --repeats {args.repeats} --number {args.number}`; load {load_before} before, "
         f"{load_after} after. Ratio = new / old per round (rounds alternate which goes first), "
-        "median and p25-p75; temp = XLA's compiled temporary memory.",
+        "median and p25-p75; temp = XLA's compiled temporary memory; same program: the lowered "
+        "StableHLO of both sides is identical (source locations aside).",
         "",
-        "| workload | old ms | new ms | new/old | p25-p75 | temp MB old / new |",
-        "|---|---|---|---|---|---|",
+        "| workload | old ms | new ms | new/old | p25-p75 | temp MB old / new | same program |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['old_ms']:.2f} | {r['new_ms']:.2f} | "
             f"{r['ratio_median']:.3f} | {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | "
-            f"{r['old_temp_mb']:.1f} / {r['new_temp_mb']:.1f} |"
+            f"{r['old_temp_mb']:.1f} / {r['new_temp_mb']:.1f} | "
+            f"{'yes' if r['same_program'] else 'no'} |"
         )
     args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -8,7 +8,9 @@ layouts (before and after the harness moved), falling back where a name moved.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import sys
 import time
 
@@ -80,6 +82,14 @@ WORKLOADS = {
 }
 
 
+def _program_digest(text: str) -> str:
+    """A digest of the lowered program without its source locations (which name files and
+    lines, and so differ between layouts even when the computation is the same)."""
+    text = re.sub(r"loc\(.*?\)", "", text)
+    kept = [line for line in text.splitlines() if not line.strip().startswith("#loc")]
+    return hashlib.sha1("\n".join(kept).encode()).hexdigest()
+
+
 def _block(out) -> None:
     jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, out)
 
@@ -91,10 +101,14 @@ def main() -> None:
         name = cmd["workload"]
         if cmd["cmd"] == "setup":
             fn, args = WORKLOADS[name]()
-            exe = fn.lower(*args).compile()
+            lowered = fn.lower(*args)
+            exe = lowered.compile()
             mem = exe.memory_analysis()
             compiled[name] = (exe, args)
-            reply = {"temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20}
+            reply = {
+                "temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20,
+                "program": _program_digest(lowered.as_text()),
+            }
         else:
             exe, args = compiled[name]
             start = time.perf_counter()
