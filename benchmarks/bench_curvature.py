@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import torch_models
+from benchmarks.batches import mnist_batch
 
 QUANTITIES = (
     "grad_batch",
@@ -92,21 +93,6 @@ def _fmt_load(text: str) -> str:
     return " / ".join(f"{float(v):.1f}" for v in numbers) if numbers else text
 
 
-def _batch(n: int):
-    import jax.numpy as jnp
-
-    from jaxopt_suite import data as data_lib
-
-    try:
-        ds = data_lib.load_mnist()
-        images, labels = ds.train_images[:n], ds.train_labels[:n]
-    except FileNotFoundError:
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (n, 28, 28), np.uint8)
-        labels = rng.integers(0, 10, n).astype(np.int32)
-    return data_lib.normalize(jnp.asarray(images)), jnp.asarray(labels)
-
-
 class _Dropping:
     """``time_interleaved`` wants ``fn.lower(*args).compile()``; this hands back a callable
     that runs ``call``, waits for its outputs and drops them before returning, so their
@@ -145,7 +131,7 @@ def _jax_side(model_name: str, n: int, quantities, repeats: int, number: int) ->
     model = zoo.make_model(model_name)
     params = zoo.init_params(model, jax.random.key(0))
     apply_fn = lambda p, x: model.apply({"params": p}, x)
-    x, y = _batch(n)
+    x, y = mnist_batch(n)
     key = jax.random.key(1)
     plain = jax.jit(
         lambda p, x, y: jax.value_and_grad(lambda p: train.cross_entropy(apply_fn(p, x), y))(p)

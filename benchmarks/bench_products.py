@@ -48,13 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from benchmarks import torch_models
+from benchmarks.batches import mnist_batch
 from jaxopt_suite import benchmarking, curvature, kronecker, train, zoo
-from jaxopt_suite import data as data_lib
 from jaxopt_suite.curvature import products
 
 RESULTS = Path(__file__).parent / "results" / "products"
@@ -71,17 +70,6 @@ BACKPACK = {
     "sqrt_ggn_mc": "SqrtGGNMC",
 }
 # the issue's goal: every quantity at most as slow as BackPACK's, each over its own gradient
-
-
-def _batch(n: int) -> tuple[jax.Array, jax.Array]:
-    try:
-        ds = data_lib.load_mnist()
-        images, labels = ds.train_images[:n], ds.train_labels[:n]
-    except FileNotFoundError:
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (n, 28, 28), np.uint8)
-        labels = rng.integers(0, 10, n).astype(np.int32)
-    return data_lib.normalize(jnp.asarray(images)), jnp.asarray(labels, jnp.int32)
 
 
 def _setup(model_name: str):
@@ -113,7 +101,7 @@ def jax_part(args: argparse.Namespace) -> dict[str, Any]:
     unsupported: dict[str, str] = {}
 
     def group(n: int, names: tuple[str, ...], extra: dict | None = None) -> dict[str, Any]:
-        x, y = _batch(n)
+        x, y = mnist_batch(n)
         # the first function of each round runs right after the previous round's slowest one
         # (caches and pages cold: 30-60 % slower); a throwaway gradient takes that place
         fns = {"grad_warmup": (grad, (params, x, y)), "grad": (grad, (params, x, y))}
@@ -155,7 +143,7 @@ def _sqrt_name(name: str) -> str:
 
 def _mlp_extras(apply_fn, loss_fn, params, key, args) -> dict[str, tuple]:
     """Matrix-free products and whole training steps (MLP only), same batch."""
-    x, y = _batch(args.batch_size)
+    x, y = mnist_batch(args.batch_size)
     leaves, treedef = jax.tree.flatten(params)
     vector = jax.tree.unflatten(
         treedef,
@@ -254,7 +242,7 @@ def backpack_part(args: argparse.Namespace) -> dict[str, Any]:
     first: dict[str, float] = {}  # seconds of each extension's first (untimed) call
 
     def inputs(n):
-        x, y = _batch(n)
+        x, y = mnist_batch(n)
         return torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous(), torch.tensor(
             np.asarray(y), dtype=torch.long
         )

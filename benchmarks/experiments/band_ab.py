@@ -9,47 +9,13 @@ keep the mask backward of max-pooling.
 import os
 
 import jax
-import jax.numpy as jnp
+from cnn_problem import Lowered, args, engine_fn, loss, time_and_print
 
-from jaxopt_suite import benchmarking, curvature, zoo
+from jaxopt_suite import curvature
 
-N = 64
-key = jax.random.key(0)
-model = zoo.make_model("backpack-cnn")
-X = jax.random.normal(jax.random.key(7), (N, 28, 28, 1))
-Y = jnp.arange(N) % 10
-params = zoo.init_params(model, key)
-apply = lambda p, x: model.apply({"params": p}, x)
-
-
-def loss(p, x, y):
-    return -jnp.mean(jax.nn.log_softmax(apply(p, x))[jnp.arange(N), y])
-
-
-class Pre:
-    def __init__(self, fn, args):
-        self.l = jax.jit(fn).lower(*args)
-
-    def lower(self, *a):
-        return self.l
-
-
-args = (params, X, Y, key)
 fns = {"grad": (jax.jit(jax.grad(loss)), args[:3])}
-
-
-def eng(q, config):
-    f = curvature.value_and_grad(apply, loss="cross_entropy", quantities=(q,), config=config)
-    return lambda p, x, y, k: f(p, x, y, key=k)
-
-
 noband = curvature.EngineConfig(banded_conv_cotangent=False)
 for q in ("diag_ggn_exact", "diag_ggn_mc"):
-    fns[q + "_band"] = (Pre(eng(q, curvature.EngineConfig()), args), args)
-    fns[q + "_noband"] = (Pre(eng(q, noband), args), args)
-print("load", os.getloadavg())
-res = benchmarking.time_interleaved(
-    fns, baseline="grad", repeats=int(os.environ.get("R", 11)), number=2
-)
-for k, t in res.items():
-    print(f"{k:26s} {t.median * 1e3:8.2f} ms  x{t.ratio:.2f}")
+    fns[q + "_band"] = (Lowered(engine_fn(q, curvature.EngineConfig()), args), args)
+    fns[q + "_noband"] = (Lowered(engine_fn(q, noband), args), args)
+time_and_print(fns, int(os.environ.get("R", 11)))

@@ -23,18 +23,9 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
+from cnn_problem import Lowered, args, compare_variants, engine_fn, loss, time_and_print
 
-from jaxopt_suite import benchmarking, curvature, zoo
-
-MODEL = os.environ.get("MODEL", "backpack-cnn")
-N = 128 if MODEL == "mlp" else 64
-key = jax.random.key(0)
-model = zoo.make_model(MODEL)
-X = jax.random.normal(jax.random.key(7), (N, 28, 28, 1))
-Y = jnp.arange(N) % 10
-params = zoo.init_params(model, key)
+from jaxopt_suite import curvature
 
 VARIANTS = {
     "old": curvature.EngineConfig(column_groups=16, kernel_grad_from_patches=False),
@@ -45,52 +36,13 @@ VARIANTS = {
 }
 
 
-def apply(p, x):
-    return model.apply({"params": p}, x)
-
-
-def loss(p, x, y):
-    return -jnp.mean(jax.nn.log_softmax(apply(p, x))[jnp.arange(N), y])
-
-
-class Lowered:
-    """A function lowered now, for ``time_interleaved``."""
-
-    def __init__(self, fn, args):
-        self.lowered = jax.jit(fn).lower(*args)
-
-    def lower(self, *args):
-        return self.lowered
-
-
-def engine_fn(quantity, config):
-    f = curvature.value_and_grad(apply, loss="cross_entropy", quantities=(quantity,), config=config)
-    return lambda p, x, y, k: f(p, x, y, key=k)
-
-
 quantities = sys.argv[1].split(",") if len(sys.argv) > 1 else ["diag_ggn_exact"]
 variants = sys.argv[2].split(",") if len(sys.argv) > 2 else ["old", "new"]
-args = (params, X, Y, key)
 for q in quantities:
     fns = {"grad": (jax.jit(jax.value_and_grad(loss)), args[:3])}
     outs = {}
     for v in variants:
         fns[v] = (Lowered(engine_fn(q, VARIANTS[v]), args), args)
         outs[v] = fns[v][0].lowered.compile()(*args)
-    for v in variants[1:]:
-        diff = jax.tree.map(
-            lambda a, b: float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30)),
-            outs[variants[0]],
-            outs[v],
-        )
-        print(q, v, "max rel diff vs", variants[0], max(jax.tree.leaves(diff)))
-    print("load", os.getloadavg(), flush=True)
-    res = benchmarking.time_interleaved(
-        fns, baseline="grad", repeats=int(os.environ.get("R", 21)), number=2
-    )
-    for name, t in res.items():
-        lo, hi = np.percentile(t.samples, [25, 75]) * 1e3
-        print(
-            f"{q:22s} {name:8s} {t.median * 1e3:8.2f} ms  x{t.ratio:.2f}  p25-p75 {lo:.1f}-{hi:.1f}"
-        )
-    print("load", os.getloadavg(), flush=True)
+    compare_variants(variants, outs, q)
+    time_and_print(fns, int(os.environ.get("R", 21)), q)
