@@ -64,6 +64,20 @@ def test_public_modules_are_all_listed():
     assert exported | {"jaxopt_suite"} <= set(api_pages.MODULES)
 
 
+def test_included_readme_sections_start_after_whole_headings():
+    # a partial heading would leave the rest of its line at the top of the page
+    readme = (ROOT / "README.md").read_text().splitlines()
+    pages = [*(ROOT / "docs").glob("*.md"), *(ROOT / "docs" / "methods").glob("*.md")]
+    starts = [
+        line.split(":start-after:", 1)[1].strip().strip('"')
+        for page in pages
+        for line in page.read_text().splitlines()
+        if line.startswith(":start-after:")
+    ]
+    assert len(starts) >= 10
+    assert not [s for s in starts if s not in readme]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_is_stored_with_its_outputs(path):
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
