@@ -78,6 +78,8 @@ napoleon_use_ivar = True
 
 html_theme = "furo"
 html_title = f"jaxopt_suite {release}"
+html_static_path = ["_static"]
+html_css_files = ["tables.css"]
 
 
 # Docstrings are written for ``help()`` as much as for Sphinx: a star that starts a word and is
