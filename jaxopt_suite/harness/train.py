@@ -123,9 +123,22 @@ def curvature_gradient(
       ``gradient(problem, params, batch, key) -> (value, grads, {"value", "curvature"})``
       (``"factors"`` instead of ``"curvature"`` for Kronecker factors).
 
-    Example:
-      >>> gradient = curvature_gradient("kflr")
-      >>> # make_step(problem, kronecker.kfac_sgd(0.03, damping=1e-2), gradient)
+    Example: one step of Kronecker-factored preconditioning with exact factors (KFLR)::
+
+        >>> import jax
+        >>> from jaxopt_suite import kronecker
+        >>> from jaxopt_suite.harness import data, train, zoo
+        >>> model = zoo.MLP(hidden=(16,))
+        >>> problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
+        >>> tx = kronecker.kfac_sgd(0.03, damping=1e-2)
+        >>> gradient = train.curvature_gradient("kflr")
+        >>> step = train.jit_step(train.make_step(problem, tx, gradient))
+        >>> params = zoo.init_params(model, jax.random.key(0))
+        >>> state = train.init_state(params, tx, jax.random.key(1))
+        >>> ds = data.synthetic(jax.random.key(2))
+        >>> state, loss = step(state, ds.train_images[:32], ds.train_labels[:32])
+        >>> int(state.step), int(state.skipped)
+        (1, 0)
     """
     if quantity not in CURVATURE_KEYWORDS:
         raise ValueError(
