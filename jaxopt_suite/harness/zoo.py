@@ -3,6 +3,17 @@
 Every model takes images ``(N, H, W, C)`` (an MLP flattens them) and returns logits ``(N, C)``.
 Layers carry fixed names (``Dense_0``, ``Conv_0``, ...) and the layer classes are attributes,
 so a ProxProp model (``dense=ProxPropDense``) has exactly the parameter tree of the plain one.
+
+Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxopt_suite.harness import zoo
+    >>> model = zoo.make_model("mlp-small")
+    >>> params = zoo.init_params(model, jax.random.key(0))
+    >>> jax.tree.map(jnp.shape, params)["Dense_0"]
+    {'bias': (128,), 'kernel': (784, 128)}
+    >>> model.apply({"params": params}, jnp.zeros((2, 28, 28, 1))).shape
+    (2, 10)
 """
 
 from __future__ import annotations
@@ -131,6 +142,20 @@ def make_model(name: str, **layers: Any) -> nn.Module:
       **layers: layer classes to substitute, among ``dense`` (hidden Dense layers), ``conv``
         and ``last`` (the output layer). A model without such a layer ignores the override,
         so one method can say "ProxProp for every hidden linear layer" for any model.
+
+    Raises:
+      ValueError: an unknown ``name`` or override, naming the valid ones.
+
+    Example: the ProxProp version of a model has the plain model's parameter tree::
+
+        >>> import jax
+        >>> from jaxopt_suite.harness import zoo
+        >>> from jaxopt_suite.proxprop import ProxPropDense
+        >>> plain = zoo.make_model("mlp-small")
+        >>> proxprop = zoo.make_model("mlp-small", dense=ProxPropDense)
+        >>> tree = lambda m: jax.tree.structure(zoo.init_params(m, jax.random.key(0)))
+        >>> tree(proxprop) == tree(plain)
+        True
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
