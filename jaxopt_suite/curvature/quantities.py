@@ -19,12 +19,20 @@ Besides the first-part statistics of :mod:`~jaxopt_suite.curvature.rules`, ``col
 every :math:`\hat g_{k,n}` (``(K, N, *leaf)``, :mod:`~jaxopt_suite.curvature.columns`) and
 ``kron`` reduces them to Kronecker factors (:mod:`~jaxopt_suite.curvature.kron`).
 
+The variance is BackPACK's :math:`\tfrac{1}{N}\text{sum\_grad\_squared} - (\nabla L /
+N)^{\odot 2}` (equal, since :math:`\sum_n \hat g_n = \nabla L`) formed from the individual
+gradients alone, centred, so it is never negative and a single sample's is exactly 0 (the
+difference of two nearly equal float32 sums would leave rounding noise); it costs the memory
+of ``grad_batch``. Whenever the individual gradients are computed (``grad_batch`` or
+``variance`` asked for), ``batch_l2`` and ``sum_grad_squared`` are formed from them too.
+
 Per parameter leaf:
 
 .. math::
    \text{grad\_batch} = \hat g_n, \quad \text{batch\_l2} = \|\hat g_n\|^2, \quad
    \text{sum\_grad\_squared} = \sum_n \hat g_n^{\odot 2}, \quad
-   \text{variance} = \tfrac{1}{N}\text{sum\_grad\_squared} - (\nabla L / N)^{\odot 2},
+   \text{variance} = \tfrac{1}{N} \sum_n (\hat g_n - \bar g)^{\odot 2}, \
+   \bar g = \tfrac{1}{N} \sum_n \hat g_n,
 
    \text{diag\_ggn} = \sum_{n,k} (J_n^\top s_{k,n})^{\odot 2}, \quad
    \text{diag\_ggn\_batch}_n = \sum_k (J_n^\top s_{k,n})^{\odot 2}, \quad
@@ -38,6 +46,9 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+
+from jaxopt_suite.curvature.rules.base import wide
 
 SOURCES = ("grad", "ggn_exact", "ggn_mc", "hessian", "batch_average")
 
@@ -56,15 +67,18 @@ class Quantity(NamedTuple):
     finish: Callable[[jax.Array, jax.Array, int], jax.Array] | None = None
 
 
-def _variance(sum_grad_squared: jax.Array, grad: jax.Array, n: int) -> jax.Array:
-    return sum_grad_squared / n - (grad / n) ** 2
+def _variance(individual: jax.Array, grad: jax.Array, n: int) -> jax.Array:
+    r"""Centred: :math:`\tfrac1N \sum_n (\hat g_n - \bar g)^{\odot 2}` from (N, *leaf)."""
+    del grad  # the mean of the same individual gradients, not jax.grad's rounding of it
+    g = wide(individual)
+    return jnp.sum((g - jnp.sum(g, axis=0) / n) ** 2, axis=0) / n
 
 
 QUANTITIES: dict[str, Quantity] = {
     "grad_batch": Quantity("grad", "individual"),
     "batch_l2": Quantity("grad", "individual_sq_norm"),
     "sum_grad_squared": Quantity("grad", "sum_sq"),
-    "variance": Quantity("grad", "sum_sq", _variance),
+    "variance": Quantity("grad", "individual", _variance),
     "diag_ggn_exact": Quantity("ggn_exact", "sum_sq"),
     "diag_ggn_mc": Quantity("ggn_mc", "sum_sq"),
     "diag_ggn_exact_batch": Quantity("ggn_exact", "individual_sum_sq"),
