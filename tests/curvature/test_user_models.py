@@ -259,10 +259,10 @@ def check_invariants(grads, extras):
             _close(d, (v**2).sum((0, 1)))
 
 
-def check_model(name, structured=True):
+def check_model(name, **kw):
     apply_fn, params, x, y, loss, _ = case(name)
     want = brute_force(name)
-    fn = curvature.value_and_grad(apply_fn, loss=loss, quantities=EVERY, structured=structured)
+    fn = curvature.value_and_grad(apply_fn, loss=loss, quantities=EVERY, **kw)
     value, grads, extras = jax.jit(fn)(params, x, y, key=KEY)
     _close(value, want["value"])
     assert_tree_close(grads, want["grad"])
@@ -287,8 +287,9 @@ def test_every_quantity_against_brute_force(name):
 
 
 def test_dropout_generic_path_uses_the_batch_mask():
-    """Every leaf on the generic path (one VJP of the whole batch per sample), same mask."""
-    check_model("dropout_groupnorm", structured=False)
+    """Every leaf on the generic path (one VJP of the whole batch per sample), same mask, in
+    chunks that don't divide the batch."""
+    check_model("dropout_groupnorm", structured=False, chunk_size=3)
 
 
 def test_dropout_reference_differs_from_per_sample_masks():
@@ -350,6 +351,23 @@ def test_has_aux_returns_the_batched_forwards_aux():
     _close(value, want_value)
     assert_tree_close(grads, want_grads)
     assert_tree_close(extras, want_extras)
+
+
+def test_has_aux_with_diag_h():
+    """The Hessian's own forward pass (activation curvature) with has_aux."""
+    model = nn.Sequential([nn.Dense(4), jnp.tanh, nn.Dense(3)])
+    x, y = rand((3, 2)), labels((3,), 3)
+    params, apply_fn = init(model, x), linen_apply(model)
+    with_aux = lambda p, x: (apply_fn(p, x), jnp.sum(x))
+    fn = curvature.value_and_grad(
+        with_aux, loss="cross_entropy", quantities=("diag_h",), has_aux=True
+    )
+    (value, aux), grads, extras = jax.jit(fn)(params, x, y)
+    want = reference.quantities(apply_fn, params, x, y, "cross_entropy", hessian=True)
+    _close(aux, jnp.sum(x))
+    _close(value, want["value"])
+    assert_tree_close(grads, want["grad"])
+    assert_tree_close(extras["diag_h"], want["diag_h"])
 
 
 def test_output_errors():
