@@ -349,7 +349,8 @@ def _check_float_params(params: PyTree) -> None:
     if bad:
         raise TypeError(
             "params must be floating-point arrays (the gradient of an integer parameter is "
-            f"not defined); got {', '.join(bad)}. Pass integer state through apply_fn's "
+            f"not defined); got {', '.join(bad)}. Pass integer state (counters, PRNG keys; "
+            "nnx: split it off with nnx.split(model, nnx.Param, ...)) through apply_fn's "
             "closure or its inputs instead."
         )
 
