@@ -173,13 +173,12 @@ for part in ("curvature", "kronecker", "fwdgrad"):
     close(got[part], ref[part], what=part)
 close(got["proxprop"], ref["proxprop"], 1e-4, 1e-5, "proxprop")
 extras = got["curvature"][2]
-# per-sample quantities (leading N) stay split along N; sums (variance: finished from the
-# individual gradients) and factors are replicated;
+# per-sample quantities (leading N) stay split along N; sums and factors are replicated;
 # square-root columns (K, N, ...) are checked for their values only.
 stat = {n: curvature.QUANTITIES[n].statistic for n in quantities}
 for n in quantities:
     for leaf in jax.tree.leaves(extras[n]):
-        if stat[n].startswith("individual") and curvature.QUANTITIES[n].finish is None:
+        if stat[n].startswith("individual"):
             assert leaf.shape[0] == 16
             assert leaf.sharding.spec and leaf.sharding.spec[0] == "data", (n, leaf.sharding)
         elif stat[n] != "columns":

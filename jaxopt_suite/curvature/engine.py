@@ -538,12 +538,17 @@ def _source_statistics(
 
 def _extras(wanted, results, grad_leaves, leaves, treedef, batch) -> dict[str, PyTree]:
     """Each quantity from its source's statistic (finished, e.g. the variance from the sum of
-    squares and the gradient), in the leaves' dtypes and structure."""
+    squares and the gradient, or from the individual gradients when they were computed), in
+    the leaves' dtypes and structure."""
     extras = {}
     for name, q in wanted.items():
-        values = results[q.source][q.statistic]
-        if q.finish is not None:
-            values = [q.finish(v, g, batch) for v, g in zip(values, grad_leaves, strict=True)]
+        individual = results[q.source].get("individual")
+        if q.from_individual is not None and individual is not None:
+            values = [q.from_individual(v, batch) for v in individual]
+        else:
+            values = results[q.source][q.statistic]
+            if q.finish is not None:
+                values = [q.finish(v, g, batch) for v, g in zip(values, grad_leaves, strict=True)]
         values = [_as_leaf_dtype(v, leaf) for v, leaf in zip(values, leaves, strict=True)]
         extras[name] = jax.tree.unflatten(treedef, values)
     return extras

@@ -304,15 +304,27 @@ def test_dropout_reference_differs_from_per_sample_masks():
     assert gap > 1e-2
 
 
-def test_single_sample_variance_is_exactly_zero():
+def test_variance_without_grad_batch():
+    """From sum_grad_squared and the gradient (no individual gradients): brute force on the
+    batch, exactly 0 on a single sample, on both paths."""
     apply_fn, params, x, y, loss, _ = case("groupnorm_cnn")
+    want = brute_force("groupnorm_cnn")["variance"]
     for structured in (True, False):
-        fn = curvature.value_and_grad(
-            apply_fn, loss=loss, quantities=("variance",), structured=structured
+        fn = jax.jit(
+            curvature.value_and_grad(
+                apply_fn, loss=loss, quantities=("variance",), structured=structured
+            )
         )
-        _, _, extras = jax.jit(fn)(params, x[:1], y[:1])
-        for v in jax.tree.leaves(extras["variance"]):
+        assert_tree_close(fn(params, x, y)[2]["variance"], want)
+        for v in jax.tree.leaves(fn(params, x[:1], y[:1])[2]["variance"]):
             np.testing.assert_array_equal(v, 0.0)
+
+
+def test_single_sample_variance_with_grad_batch_is_exactly_zero():
+    apply_fn, params, x, y, loss, _ = case("dropout_groupnorm")
+    fn = curvature.value_and_grad(apply_fn, loss=loss, quantities=("grad_batch", "variance"))
+    for v in jax.tree.leaves(jax.jit(fn)(params, x[:1], y[:1])[2]["variance"]):
+        np.testing.assert_array_equal(v, 0.0)
 
 
 # --- what the engine refuses, and has_aux ------------------------------------------------------
