@@ -86,8 +86,10 @@ def _inner(eqn) -> list[Jaxpr]:
     return out
 
 
-def _run(jaxpr: Jaxpr, state: dict) -> list[tuple]:
-    """Follows (batch axis, where samples started to interact) through ``jaxpr``."""
+def _run(jaxpr: Jaxpr, state: dict, outer: tuple[str, str] = ("", "")) -> list[tuple]:
+    """Follows (batch axis, where samples started to interact) through ``jaxpr``; ``outer``:
+    the name stack and the site of the equation that calls it (a nested jaxpr's name stacks
+    are relative to it; its site stands in where an equation has neither)."""
     env = dict(state)
 
     def read(v):
@@ -95,22 +97,29 @@ def _run(jaxpr: Jaxpr, state: dict) -> list[tuple]:
 
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
-        outs = _transfer(eqn, ins)
+        outs = _transfer(eqn, ins, outer)
         for v, s in zip(eqn.outvars, outs, strict=True):
             env[v] = s
     return [read(v) for v in jaxpr.outvars]
 
 
-def _site(eqn) -> str:
-    stack = str(eqn.source_info.name_stack)
+def _stack(eqn, outer: tuple[str, str]) -> str:
+    return "/".join(part for part in (outer[0], str(eqn.source_info.name_stack)) if part)
+
+
+def _site(eqn, outer: tuple[str, str]) -> str:
+    """The layer (name stack) of ``eqn``, else its primitive and source line, else the
+    calling equation's site."""
+    stack = _stack(eqn, outer)
     if stack:
         return stack
     frame = jax._src.source_info_util.user_frame(eqn.source_info.traceback)
-    where = f" at {frame.file_name}:{frame.start_line}" if frame is not None else ""
-    return f"{eqn.primitive.name}{where}"
+    if frame is not None:
+        return f"{eqn.primitive.name} at {frame.file_name}:{frame.start_line}"
+    return outer[1] or eqn.primitive.name
 
 
-def _transfer(eqn, ins: list[tuple]) -> list[tuple]:
+def _transfer(eqn, ins: list[tuple], outer: tuple[str, str]) -> list[tuple]:
     """Each output's (batch axis or None or LOST, origin of interaction or None)."""
     origin = next((o for _, o in ins if o is not None), None)
     n_out = len(eqn.outvars)
@@ -119,8 +128,9 @@ def _transfer(eqn, ins: list[tuple]) -> list[tuple]:
     name, p = eqn.primitive.name, eqn.params
     inner = _inner(eqn) if name not in _MOVERS else []
     if len(inner) == 1 and len(inner[0].invars) == len(ins) and len(inner[0].outvars) == n_out:
-        return _run(inner[0], dict(zip(inner[0].invars, ins, strict=True)))
-    mixed = (None, origin or _site(eqn))
+        state = dict(zip(inner[0].invars, ins, strict=True))
+        return _run(inner[0], state, (_stack(eqn, outer), _site(eqn, outer)))
+    mixed = (None, origin or _site(eqn, outer))
     axes = [a for a, _ in ins if a is not None]
     if LOST in axes:
         return [(LOST, origin)] * n_out
