@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
 RANDOM_PRIMITIVES = frozenset({"random_bits", "threefry2x32", "rng_bit_generator", "rng_uniform"})
+
+_LIBRARIES = tuple(f"{sep}{name}{sep}" for name in ("jax", "jaxlib", "flax") for sep in "/\\")
 
 #: A value whose batch axis could not be followed (it depends on samples, somewhere).
 LOST = -1
@@ -113,9 +114,10 @@ def _site(eqn, outer: tuple[str, str]) -> str:
     stack = _stack(eqn, outer)
     if stack:
         return stack
-    frame = jax._src.source_info_util.user_frame(eqn.source_info.traceback)
-    if frame is not None:
-        return f"{eqn.primitive.name} at {frame.file_name}:{frame.start_line}"
+    frames = eqn.source_info.traceback.frames if eqn.source_info.traceback else []
+    for frame in frames:  # innermost first: the first outside jax and flax is the user's line
+        if not any(lib in frame.file_name for lib in _LIBRARIES):
+            return f"{eqn.primitive.name} at {frame.file_name}:{frame.line_num}"
     return outer[1] or eqn.primitive.name
 
 
