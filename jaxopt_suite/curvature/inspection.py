@@ -41,6 +41,23 @@ _ACCUMULATIONS = {
     "cumlogsumexp": "axis",
     "sort": "dimension",
 }
+# Equations whose batch axis this analysis reads from their first operand.
+_FIRST_OPERAND = frozenset(
+    {
+        *_REDUCTIONS,
+        *_ACCUMULATIONS,
+        "argmax",
+        "argmin",
+        "transpose",
+        "broadcast_in_dim",
+        "reshape",
+        "squeeze",
+        "reduce_window",
+        "reduce_window_sum",
+        "reduce_window_max",
+        "reduce_window_min",
+    }
+)
 _MOVERS = frozenset(
     {
         "dynamic_slice",
@@ -137,14 +154,15 @@ def _transfer(eqn, ins: list[tuple], outer: tuple[str, str]) -> list[tuple]:
     if LOST in axes:
         return [(LOST, origin)] * n_out
     shapes = [getattr(v.aval, "shape", ()) for v in eqn.invars]
+    a = ins[0][0]
+    if a is None and name in _FIRST_OPERAND:
+        return [(LOST, origin)] * n_out  # batched through another operand (a shape, a key)
     if name in _REDUCTIONS or name in ("argmax", "argmin"):
-        a = ins[0][0]
         reduced = p["axes"]
         if a in reduced:
             return [mixed] * n_out
         return [(a - sum(r < a for r in reduced), origin)] * n_out
     if name in _ACCUMULATIONS:
-        a = ins[0][0]
         if p[_ACCUMULATIONS[name]] == a:
             return [(a, mixed[1])] * n_out
         return [(a, origin)] * n_out
@@ -165,20 +183,18 @@ def _transfer(eqn, ins: list[tuple], outer: tuple[str, str]) -> list[tuple]:
     if name == "reshape":
         return [(_reshape_axis(shapes[0], p["new_sizes"], ins[0][0]), origin)]
     if name == "squeeze":
-        a = ins[0][0]
         if a in p["dimensions"]:
             return [(LOST, origin)]
         return [(a - sum(d < a for d in p["dimensions"]), origin)]
-    if name == "reduce_window_sum" or name.startswith("reduce_window"):
-        a = ins[0][0]
+    if name.startswith("reduce_window"):
         if p["window_dimensions"][a] != 1:
             return [mixed] * n_out
         whole = p["window_strides"][a] == 1 and tuple(p["padding"][a]) == (0, 0)
         return [(a if whole else LOST, origin)] * n_out
     if name == "gather":
         operand, indices = ins[0][0], ins[1][0]
-        if operand is not None or indices is None:
-            return [(LOST, origin)]
+        if operand is not None or indices is None or indices == len(shapes[1]) - 1:
+            return [(LOST, origin)]  # the last axis of the indices is the index vector
         batch_dims = [
             d
             for d in range(len(eqn.outvars[0].aval.shape))
