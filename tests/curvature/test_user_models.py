@@ -34,7 +34,15 @@ EXACT = (
     "diag_ggn_exact",
     "diag_ggn_exact_batch",
 )
-EVERY = (*EXACT, "sqrt_ggn_exact", "kflr", "diag_ggn_mc", "diag_ggn_mc_batch", "sqrt_ggn_mc")
+EVERY = (
+    *EXACT,
+    "sqrt_ggn_exact",
+    "kflr",
+    "diag_ggn_mc",
+    "diag_ggn_mc_batch",
+    "sqrt_ggn_mc",
+    "kfac",
+)
 KEY = jax.random.key(7)
 
 # --- models -----------------------------------------------------------------------------------
@@ -269,16 +277,24 @@ def check_model(name, **kw):
     for q in EXACT:
         assert_tree_close(extras[q], want[q])
     check_invariants(grads, extras)
-    blocks = jax.tree.leaves(want["ggn_blocks"])
-    for v, kflr, block in zip(
+    gram = lambda v: reference.square_root_gram(np.reshape(v, (*v.shape[:2], -1)), False)
+    for v, v_mc, kflr, kfac, block in zip(
         jax.tree.leaves(extras["sqrt_ggn_exact"]),
-        jax.tree.leaves(extras["kflr"], is_leaf=lambda a: a is None or isinstance(a, tuple)),
-        blocks,
+        jax.tree.leaves(extras["sqrt_ggn_mc"]),
+        factors(extras["kflr"]),
+        factors(extras["kfac"]),
+        jax.tree.leaves(want["ggn_blocks"]),
         strict=True,
     ):
-        _close(reference.square_root_gram(np.reshape(v, (*v.shape[:2], -1)), False), block)
-        if kflr is not None and len(kflr) == 1:  # a 1-D leaf's exact GGN block
+        _close(gram(v), block)
+        if kflr is not None and len(kflr) == 1:  # a 1-D leaf: its exact GGN block
             _close(kflr[0], block)
+            _close(kfac[0], gram(v_mc))  # the same Monte Carlo columns
+
+
+def factors(tree):
+    """A Kronecker quantity's per-leaf entries: ``(A, G)``, ``(B,)`` or None."""
+    return jax.tree.leaves(tree, is_leaf=lambda a: a is None or isinstance(a, tuple))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -290,6 +306,19 @@ def test_dropout_generic_path_uses_the_batch_mask():
     """Every leaf on the generic path (one VJP of the whole batch per sample), same mask, in
     chunks that don't divide the batch."""
     check_model("dropout_groupnorm", structured=False, chunk_size=3)
+
+
+def test_kflr_of_one_sample_is_the_dense_kernels_ggn_block():
+    """For N = 1 (no positions), kron(A, G) is a Dense kernel's exact GGN block; with dropout
+    on the batch's mask."""
+    apply_fn, params, x, y, loss, _ = case("dropout_mlp")
+    want = batch_reference(apply_fn, params, x[:1], y[:1], loss)["ggn_blocks"]
+    fn = curvature.value_and_grad(apply_fn, loss=loss, quantities=("kflr",))
+    got = jax.jit(fn)(params, x[:1], y[:1])[2]["kflr"]
+    for layer in ("Dense_0", "Dense_1"):
+        a, g = got[layer]["kernel"]
+        _close(np.kron(a, g), want[layer]["kernel"])
+        _close(got[layer]["bias"][0], want[layer]["bias"])
 
 
 def test_dropout_reference_differs_from_per_sample_masks():
