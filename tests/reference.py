@@ -219,7 +219,7 @@ def unflat(params, array, lead=0):
     array = np.asarray(array)
     shape = array.shape[:lead]
     leaves = [
-        array[..., w].reshape(*shape, *np.shape(a))
+        array[..., w].reshape((*shape, *np.shape(a)))
         for w, a in zip(leaf_slices(params), jax.tree.leaves(params), strict=True)
     ]
     return jax.tree.unflatten(jax.tree.structure(params), leaves)

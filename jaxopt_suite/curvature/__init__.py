@@ -11,6 +11,8 @@ Layout, as BackPACK's (derivatives apart from the quantities):
 :mod:`~jaxopt_suite.curvature.losses` (loss Hessian square roots and sampling),
 :mod:`~jaxopt_suite.curvature.layers` (intercepting flax layers while tracing) and
 :mod:`~jaxopt_suite.curvature.discovery` (which layer calls and leaves are usable),
+:mod:`~jaxopt_suite.curvature.inspection` (whether samples interact or the model is random,
+read from its jaxpr),
 :mod:`~jaxopt_suite.curvature.rules` (one rule per layer kind, ``rules/dense.py``,
 ``conv.py``, ``layernorm.py``, ``embed.py``, and the registry: :func:`register_rule`),
 :mod:`~jaxopt_suite.curvature.backprop` (backpropagating stacks of columns),

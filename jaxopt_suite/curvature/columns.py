@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxopt_suite.curvature.generic import sample_vjp
+
 
 def per_sample_gradients(
     apply_leaves: Callable[[list[jax.Array], Any], jax.Array],
@@ -26,6 +28,7 @@ def per_sample_gradients(
     inputs: Any,
     columns: jax.Array,
     chunk_size: int | None = None,
+    batched: bool = False,
 ) -> list[jax.Array]:
     """The generic path: :math:`J_n^\\top s_{k,n}` per leaf, ``(K, N, *leaf.shape)``.
 
@@ -38,21 +41,17 @@ def per_sample_gradients(
       inputs: the batch (a pytree of arrays with leading axis N).
       columns: output cotangents ``(K, N, *outputs.shape[1:])``.
       chunk_size: samples per chunk; None: all at once.
+      batched: the whole batch's VJP per sample instead of the model on one sample alone
+        (exact for random models, :func:`~jaxopt_suite.curvature.generic.sample_vjp`).
 
     Returns:
       One array ``(K, N, *leaf.shape)`` per leaf.
     """
-    leaves = list(leaves)
-
-    def one(x_n, cols_n):
-        single = jax.tree.map(lambda a: a[None], x_n)
-        _, vjp = jax.vjp(lambda ls: apply_leaves(ls, single), leaves)
-        return jax.vmap(lambda c: vjp(c[None])[0])(cols_n)  # (K, *leaf)
-
+    one, samples = sample_vjp(apply_leaves, list(leaves), inputs, batched)
     per_sample = jax.vmap(one, in_axes=(0, 1))
     n = columns.shape[1]
     if chunk_size is None or chunk_size >= n:
-        out = per_sample(inputs, columns)  # per leaf (N, K, *leaf)
+        out = per_sample(samples, columns)  # per leaf (N, K, *leaf)
     else:
         chunks = -(-n // chunk_size)
         pad = chunks * chunk_size - n
@@ -66,7 +65,7 @@ def per_sample_gradients(
 
         stacked = jax.lax.map(
             lambda chunk: per_sample(*chunk),
-            (jax.tree.map(lambda a: split(a, 0), inputs), split(columns, 1)),
+            (jax.tree.map(lambda a: split(a, 0), samples), split(columns, 1)),
         )
         out = [v.reshape(chunks * chunk_size, *v.shape[2:])[:n] for v in stacked]
     return [jnp.moveaxis(v, 0, 1) for v in out]

@@ -19,13 +19,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_suite._typing import PyTree
-from jaxopt_suite.curvature import backprop, generic, hessian, kfra, kron, layers, losses, rules
+from jaxopt_suite.curvature import (
+    backprop,
+    generic,
+    hessian,
+    inspection,
+    kfra,
+    kron,
+    layers,
+    losses,
+    rules,
+)
 from jaxopt_suite.curvature import columns as columns_lib
 from jaxopt_suite.curvature import quantities as quantities_lib
 from jaxopt_suite.curvature.config import DEFAULT, EngineConfig
 from jaxopt_suite.curvature.discovery import coverage, discover, owners
 from jaxopt_suite.curvature.residual import Residual, generic_hessian
 from jaxopt_suite.curvature.rules.base import check_kinds, low, wide
+
+#: Where the individual gradients are computed anyway, these come from them (same rounding).
+_FROM_INDIVIDUAL = ("sum_sq", "individual_sq_norm")
 
 ApplyFn = Callable[[PyTree, Any], jax.Array]
 CurvatureFn = Callable[..., tuple[jax.Array, PyTree, dict[str, PyTree]]]
@@ -43,6 +56,7 @@ def value_and_grad(
     chunk_size: int | None = None,
     structured: bool = True,
     config: EngineConfig = DEFAULT,
+    has_aux: bool = False,
 ) -> CurvatureFn:
     r"""Builds ``fn(params, inputs, targets, *, key=None) -> (value, grads, extras)``.
 
@@ -66,7 +80,15 @@ def value_and_grad(
     with the same results (:func:`coverage` tells which), and so does a layer whose kernel or
     bias is also read outside it (weight tying), whose leading axis is not the batch axis, or
     that runs inside a transformation within the model (``vmap``, ``jvp``, an inner ``jit``).
-    Samples must not interact inside the model (no batch statistics). Inside the engine's
+    Samples must not interact inside the model: where they do (batch statistics, e.g.
+    BatchNorm in training mode; any reduction over the batch axis on the way to the outputs,
+    found in the jaxpr, :func:`~jaxopt_suite.curvature.inspection.mixing_layers`), asking for
+    any quantity raises an error naming the layer; the value and gradient alone still work.
+    A model that draws random numbers (dropout, a key fixed inside ``apply_fn``) gets
+    per-sample quantities with exactly the batch's randomness: the rules read the batched
+    forward pass, and the generic path evaluates the whole batch with one-sample cotangents
+    instead of one sample at a time (:func:`~jaxopt_suite.curvature.generic.sample_vjp`;
+    ``diag_h`` / ``diag_h_batch`` refuse such models). Inside the engine's
     reverse pass only, 2-D stride-1 convolutions and non-overlapping max-pooling backpropagate
     the gradient and the columns by cheaper formulations with the same values
     (:mod:`~jaxopt_suite.curvature.fastgrad`); the model's forward is unchanged. The gradient
@@ -98,9 +120,15 @@ def value_and_grad(
     derivatives are computed in float32 and cast to the outputs' dtype for the backward pass;
     statistics and Kronecker factors accumulate in float32 and come back in each leaf's dtype.
 
+    Invariants, per leaf and up to float32 rounding: ``sum(grad_batch) == grads``,
+    ``batch_l2 == sum(grad_batch**2)`` over the leaf's axes, ``sum_grad_squared ==
+    sum(grad_batch**2, axis=0)``, ``variance == mean((grad_batch - mean(grad_batch))**2)``
+    (exactly 0 for one sample), ``diag_ggn_exact == sum(diag_ggn_exact_batch)``.
+
     Args:
       apply_fn: ``apply_fn(params, inputs) -> outputs`` (N, ...), pure: e.g.
-        ``lambda p, x: model.apply({"params": p}, x)`` or an ``nnx.merge`` of a graphdef.
+        ``lambda p, x: model.apply({"params": p}, x)`` or an ``nnx.merge`` of a graphdef; with
+        ``has_aux``, ``apply_fn(params, inputs) -> (outputs, aux)``.
       loss: ``"cross_entropy"`` (integer labels in [0, C), outputs (N, C) or (N, ..., C): every
         position is a term; labels are checked for shape and dtype only: one >= C gives a NaN
         loss, and PyTorch's ``ignore_index`` is not supported), ``"mse"`` (mean over all N·D
@@ -114,15 +142,21 @@ def value_and_grad(
       chunk_size: samples per chunk of the generic path (bounds its memory); None: all at once.
       structured: False forces the generic path for every parameter (for checking).
       config: the engine's tuning options (static); the default is the standard behaviour.
+      has_aux: ``apply_fn`` returns ``(outputs, aux)`` (e.g. flax's mutated ``batch_stats``);
+        the built function then returns ``((value, aux), grads, extras)``, as
+        ``jax.value_and_grad(..., has_aux=True)`` does, with ``aux`` from the batched forward.
 
     Returns:
       A jittable function; ``key`` (a PRNG key) is required by the MC quantities.
 
     Raises:
       ValueError: an unknown quantity, loss or reduction; ``mc_samples`` < 1; a kind in
-        ``config.kinds`` without a rule; at trace time an MC quantity without ``key`` or
-        targets that don't fit the loss.
-      TypeError: ``config`` is not an :class:`~jaxopt_suite.curvature.EngineConfig`.
+        ``config.kinds`` without a rule; at trace time an MC quantity without ``key``,
+        targets that don't fit the loss, quantities of a model whose samples interact, or
+        ``diag_h`` / ``diag_h_batch`` of a model that draws random numbers.
+      TypeError: ``config`` is not an :class:`~jaxopt_suite.curvature.EngineConfig`; at trace
+        time integer (or other non-float) parameters, or outputs that are not one array
+        (a tuple without ``has_aux``).
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -148,8 +182,12 @@ def value_and_grad(
     if not isinstance(config, EngineConfig):
         raise TypeError(f"config must be an EngineConfig; got {type(config).__name__}")
     check_kinds(config.kinds)
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"has_aux must be True or False; got {has_aux!r}")
     spec = _Spec(
+        _outputs_only(apply_fn) if has_aux else apply_fn,
         apply_fn,
+        has_aux,
         loss_obj,
         reduction,
         wanted,
@@ -166,11 +204,19 @@ def value_and_grad(
     return fn
 
 
+def _outputs_only(apply_fn: Callable) -> ApplyFn:
+    """The model's outputs of an ``apply_fn`` that returns ``(outputs, aux)``."""
+
+    return lambda params, inputs: _split_aux(True, apply_fn(params, inputs))[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class _Spec:
     """What :func:`value_and_grad` was asked for (static)."""
 
-    apply_fn: ApplyFn
+    apply_fn: ApplyFn  # the outputs alone
+    apply_aux: Callable  # the user's apply_fn: with has_aux, (outputs, aux)
+    has_aux: bool
     loss: losses.PerSampleLoss
     reduction: str
     wanted: dict[str, quantities_lib.Quantity]
@@ -202,6 +248,7 @@ class _Pass:
     prepared: dict[int, jax.Array]
     free: list[int]
     apply_free: Callable
+    random: bool
 
 
 def _needs(wanted: dict[str, quantities_lib.Quantity]) -> dict[str, list[str]]:
@@ -220,19 +267,23 @@ def _run(spec: _Spec, params: PyTree, inputs: Any, targets: jax.Array, key: jax.
         mc = [n for n, q in spec.wanted.items() if q.source == "ggn_mc"]
         raise ValueError(f"quantities {mc} are Monte-Carlo estimates: pass key=")
     leaves, treedef = jax.tree.flatten(params)
+    _check_float_params(params)
     batch = jax.tree.leaves(inputs)[0].shape[0]
+    random = _inspect(spec, leaves, treedef, inputs) if spec.wanted else False
     calls = (
         discover(spec.apply_fn, leaves, treedef, inputs, batch, spec.config.kinds)
         if spec.structured and spec.needs
         else {}
     )
     zeros = {i: jnp.zeros(c.output.shape, c.output.dtype) for i, c in calls.items()}
-    forward = _recorded_forward(spec.apply_fn, treedef, inputs, spec.config)
+    forward = _recorded_forward(spec, treedef, inputs)
     residual = _residual(spec.needs, forward, leaves, zeros, inputs, spec.config)
     if residual is not None and residual.sites:
         outputs, vjp_fn, layer_inputs = residual.vjp
+        aux = spec.apply_aux(params, inputs)[1] if spec.has_aux else None
     else:
-        outputs, vjp_fn, layer_inputs = _vjp(forward, leaves, zeros, fast=spec.structured)
+        with_aux = _recorded_forward(spec, treedef, inputs, keep_aux=True)
+        outputs, vjp_fn, (layer_inputs, aux) = _vjp(with_aux, leaves, zeros, spec.structured)
     spec.loss.check(outputs, targets)
     c = losses.scale(spec.reduction, spec.loss, outputs.shape)
 
@@ -266,28 +317,106 @@ def _run(spec: _Spec, params: PyTree, inputs: Any, targets: jax.Array, key: jax.
         prepared,
         free,
         _with_free_leaves(spec.apply_fn, treedef, leaves, free),
+        random,
     )
-    results = {
-        source: _source_statistics(spec, state, source, stats, deltas)
-        for source, stats in spec.needs.items()
-    }
+    results = {}
+    for source, stats in spec.needs.items():
+        derived = _FROM_INDIVIDUAL if source == "grad" and "individual" in stats else ()
+        computed = [s for s in stats if s not in derived]
+        results[source] = _source_statistics(spec, state, source, computed, deltas)
+        for s in set(derived) & set(stats):
+            results[source][s] = [_from_individual(s, g) for g in results[source]["individual"]]
     extras = _extras(spec.wanted, results, grad_leaves, leaves, treedef, batch)
-    return value, jax.tree.unflatten(treedef, grad_leaves), extras
+    grads = jax.tree.unflatten(treedef, grad_leaves)
+    return ((value, aux), grads, extras) if spec.has_aux else (value, grads, extras)
 
 
-def _recorded_forward(apply_fn: ApplyFn, treedef: Any, inputs: Any, config: EngineConfig):
+def _from_individual(statistic: str, individual: jax.Array) -> jax.Array:
+    """``sum_sq`` or ``individual_sq_norm`` from the individual gradients (N, *leaf)."""
+    squares = wide(individual) ** 2
+    if statistic == "sum_sq":
+        return jnp.sum(squares, axis=0)
+    return jnp.sum(squares, axis=tuple(range(1, squares.ndim)))
+
+
+def _check_float_params(params: PyTree) -> None:
+    """Integer (or boolean) leaves have no gradient: refused, named, as ``jax.grad`` does."""
+    bad = [
+        f"{jax.tree_util.keystr(path)} ({jnp.result_type(leaf)})"
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+    ]
+    if bad:
+        raise TypeError(
+            "params must be floating-point arrays (the gradient of an integer parameter is "
+            f"not defined); got {', '.join(bad)}. Pass integer state (counters, PRNG keys; "
+            "nnx: split it off with nnx.split(model, nnx.Param, ...)) through apply_fn's "
+            "closure or its inputs instead."
+        )
+
+
+def _inspect(spec: _Spec, leaves: list, treedef: Any, inputs: Any) -> bool:
+    """Refuses a model whose samples interact (trace time, before anything is computed), and
+    ``diag_h`` of a random one; returns whether the model draws random numbers."""
+    closed = jax.make_jaxpr(lambda ls, x: spec.apply_fn(jax.tree.unflatten(treedef, ls), x))(
+        leaves, inputs
+    )
+    mixing = inspection.mixing_layers(closed.jaxpr, len(leaves), 1)
+    if mixing:
+        raise ValueError(
+            f"quantities {list(spec.wanted)} need samples that do not interact inside the "
+            f"model, but outputs depend on other samples' inputs through {', '.join(mixing)} "
+            "(batch statistics, e.g. BatchNorm in training mode). Use the model in evaluation "
+            "mode or with frozen statistics (flax: use_running_average=True) for these "
+            "quantities; the value and gradient alone (quantities=()) still work."
+        )
+    random = inspection.is_random(closed.jaxpr)
+    hessian_wanted = [n for n, q in spec.wanted.items() if q.source == "hessian"]
+    if random and hessian_wanted:
+        raise ValueError(
+            f"quantities {hessian_wanted} are not computed for a model that draws random "
+            "numbers (e.g. dropout): their per-sample Hessian products would see other random "
+            "numbers than the batch. Make apply_fn deterministic (dropout off, "
+            "deterministic=True) for them."
+        )
+    return random
+
+
+def _recorded_forward(spec: _Spec, treedef: Any, inputs: Any, keep_aux: bool = False):
     """``forward(leaves, perturbations, x=inputs, fast=False) -> (outputs, layer inputs)``:
-    the model with every recognised layer's input recorded and its output perturbed."""
+    the model with every recognised layer's input recorded and its output perturbed; with
+    ``keep_aux``, ``(outputs, (layer inputs, aux))`` (``aux`` None without ``has_aux``)."""
 
     def forward(leaves, perturbations, x=inputs, fast=False):
         recorder = layers.Recorder(
-            perturbations=perturbations, fast=fast, banded=config.banded_conv_cotangent
+            perturbations=perturbations, fast=fast, banded=spec.config.banded_conv_cotangent
         )
         with layers.recording(recorder):
-            out = apply_fn(jax.tree.unflatten(treedef, leaves), x)
-        return out, recorder.inputs
+            found = spec.apply_aux(jax.tree.unflatten(treedef, leaves), x)
+        out, aux = _split_aux(spec.has_aux, found)
+        return out, (recorder.inputs, aux) if keep_aux else recorder.inputs
 
     return forward
+
+
+def _split_aux(has_aux: bool, found: Any) -> tuple[jax.Array, Any]:
+    """``(outputs, aux)`` of what ``apply_fn`` returned; outputs must be one array."""
+    if has_aux:
+        if not isinstance(found, tuple | list) or len(found) != 2:
+            raise TypeError(
+                "with has_aux=True, apply_fn must return a pair (outputs, aux); got "
+                f"{type(found).__name__}"
+            )
+        found, aux = found
+    else:
+        aux = None
+    if not isinstance(found, jax.Array):
+        hint = "" if has_aux else "; if it also returns state, pass has_aux=True"
+        raise TypeError(
+            f"apply_fn must return the model's outputs as one array, got {type(found).__name__}"
+            + hint
+        )
+    return found, aux
 
 
 def _residual(needs, forward, leaves, zeros, inputs, config: EngineConfig) -> Residual | None:
@@ -385,6 +514,7 @@ def _source_statistics(
             cols,
             stats,
             spec.chunk_size,
+            state.random,
         )
         for s in stats:
             for j, v in zip(state.free, found[s], strict=True):
@@ -408,12 +538,17 @@ def _source_statistics(
 
 def _extras(wanted, results, grad_leaves, leaves, treedef, batch) -> dict[str, PyTree]:
     """Each quantity from its source's statistic (finished, e.g. the variance from the sum of
-    squares and the gradient), in the leaves' dtypes and structure."""
+    squares and the gradient, or from the individual gradients when they were computed), in
+    the leaves' dtypes and structure."""
     extras = {}
     for name, q in wanted.items():
-        values = results[q.source][q.statistic]
-        if q.finish is not None:
-            values = [q.finish(v, g, batch) for v, g in zip(values, grad_leaves, strict=True)]
+        individual = results[q.source].get("individual")
+        if q.from_individual is not None and individual is not None:
+            values = [q.from_individual(v, batch) for v in individual]
+        else:
+            values = results[q.source][q.statistic]
+            if q.finish is not None:
+                values = [q.finish(v, g, batch) for v, g in zip(values, grad_leaves, strict=True)]
         values = [_as_leaf_dtype(v, leaf) for v, leaf in zip(values, leaves, strict=True)]
         extras[name] = jax.tree.unflatten(treedef, values)
     return extras
@@ -490,15 +625,20 @@ def _as_leaf_dtype(value: Any, leaf: jax.Array) -> Any:
     return jax.tree.map(lambda v: v.astype(leaf.dtype) if low(leaf) else v, value)
 
 
-def _generic_statistics(apply_free, free_leaves, inputs, cols, stats, chunk_size):
+def _generic_statistics(apply_free, free_leaves, inputs, cols, stats, chunk_size, batched):
     """The generic path for every statistic: :mod:`generic` for the first-part ones,
-    per-sample column gradients (:mod:`columns`) for ``columns`` and ``kron``."""
+    per-sample column gradients (:mod:`columns`) for ``columns`` and ``kron``; ``batched``:
+    on the whole batch with one-sample cotangents (random models)."""
     base = [s for s in stats if s in rules.STATISTICS]
     found = (
-        generic.statistics(apply_free, free_leaves, inputs, cols, base, chunk_size) if base else {}
+        generic.statistics(apply_free, free_leaves, inputs, cols, base, chunk_size, batched)
+        if base
+        else {}
     )
     if set(stats) - set(base):
-        grads = columns_lib.per_sample_gradients(apply_free, free_leaves, inputs, cols, chunk_size)
+        grads = columns_lib.per_sample_gradients(
+            apply_free, free_leaves, inputs, cols, chunk_size, batched
+        )
         if "columns" in stats:
             found["columns"] = grads
         if "kron" in stats:
