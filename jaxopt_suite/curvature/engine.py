@@ -104,7 +104,7 @@ def value_and_grad(
     ``apply_fn`` is traced without them).
 
     Second-order quantities, per leaf: ``sqrt_ggn_exact`` / ``sqrt_ggn_mc`` are
-    :math:`V` of shape (K, N, *leaf) (K = the loss Hessian's square-root columns, or M MC
+    :math:`V` of shape ``(K, N, *leaf)`` (K = the loss Hessian's square-root columns, or M MC
     samples) with :math:`V V^\top` the leaf's GGN block; ``kflr`` / ``kfac`` / ``kfra`` are
     ``(A, G)`` per Dense/Conv kernel (GGN block ≈ ``kron(A, G)`` in the row-major kernel
     layout) and ``(G,)`` per bias (conventions: :mod:`jaxopt_suite.curvature.kron`; LayerNorm

@@ -28,7 +28,7 @@ class ProxPropLinear(nnx.Linear):
     parameters' dtype.
 
     Args:
-      in_features, out_features, **kwargs: as ``nnx.Linear`` (``dot_general`` must stay the
+      in_features, out_features, ``**kwargs``: as ``nnx.Linear`` (``dot_general`` must stay the
         default).
       tau_prox: the proximal step size :math:`\\tau > 0` (default 1).
       optimization_mode: ``"gradient"``, ``"prox_exact"`` or ``"prox_cg<K>"`` (default
