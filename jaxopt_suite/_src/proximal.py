@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt_suite import autosize, prox
+from jaxopt_suite._src.checks import check_floating
 
 ProxFn = Callable[[jax.Array, jax.Array], jax.Array]
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -65,7 +66,7 @@ def _missing_params(name: str) -> ValueError:
 
 
 def _init(params: Any) -> ProximalState:
-    del params
+    check_floating(params, "params", "proximal / group_sparsity")
     return ProximalState(count=jnp.zeros([], jnp.int32))
 
 
@@ -121,6 +122,8 @@ def proximal(
         del extra_args
         if params is None:
             raise _missing_params("proximal")
+        check_floating(params, "params", "proximal")
+        check_floating(updates, "updates", "proximal")
         t = _strength(reg, learning_rate, state.count)
         new_updates = jax.tree.map(lambda u, p: prox_fn(p + u, t) - p, updates, params)
         return new_updates, ProximalState(count=optax.safe_increment(state.count))
@@ -221,6 +224,8 @@ def group_sparsity(
         del extra_args
         if params is None:
             raise _missing_params("group_sparsity")
+        check_floating(params, "params", "group_sparsity")
+        check_floating(updates, "updates", "group_sparsity")
         t = _strength(reg, learning_rate, state.count)
         param_leaves, treedef = jax.tree.flatten(params)
         update_leaves = treedef.flatten_up_to(updates)
