@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -100,6 +101,13 @@ def proximal(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
 
+    Raises:
+      ValueError: a negative ``reg`` or ``learning_rate``; (from ``update``) ``params``
+        missing, or ``prox_fn`` refusing a leaf (e.g. a grouped operator on a 0-d leaf), naming
+        the leaf.
+      TypeError: ``prox_fn`` not callable; (from ``init`` / ``update``) a leaf that is not
+        floating.
+
     Example::
 
         >>> import optax, jax.numpy as jnp
@@ -125,7 +133,17 @@ def proximal(
         check_floating(params, "params", "proximal")
         check_floating(updates, "updates", "proximal")
         t = _strength(reg, learning_rate, state.count)
-        new_updates = jax.tree.map(lambda u, p: prox_fn(p + u, t) - p, updates, params)
+
+        def step(path, u, p):
+            try:
+                return prox_fn(p + u, t) - p
+            except (TypeError, ValueError) as err:
+                raise type(err)(
+                    f"proximal: prox_fn failed on the parameter {jax.tree_util.keystr(path)} "
+                    f"of shape {jnp.shape(p)}: {err}. Leave such leaves out with mask="
+                ) from err
+
+        new_updates = jax.tree_util.tree_map_with_path(step, updates, params)
         return new_updates, ProximalState(count=optax.safe_increment(state.count))
 
     tx = optax.GradientTransformationExtraArgs(_init, update_fn)
@@ -235,9 +253,12 @@ def group_sparsity(
             leaves = [layer.kernel] if b is None else [layer.kernel, b]
             # The kernel as (fan_in, units) columns, the bias as one row.
             units = param_leaves[layer.kernel].shape[-1]
+            if units == 0:  # a layer without units has no group to shrink
+                continue
+            rows = lambda x: x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
             new = _group_updates(
-                [param_leaves[i].reshape(-1, units) for i in leaves],
-                [update_leaves[i].reshape(-1, units) for i in leaves],
+                [rows(param_leaves[i]) for i in leaves],
+                [rows(update_leaves[i]) for i in leaves],
                 t,
                 norm,
             )

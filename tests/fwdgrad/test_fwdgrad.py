@@ -635,3 +635,20 @@ def test_integer_parameters_are_refused_naming_the_leaf():
     state = tx.init(PARAMS)
     with pytest.raises(TypeError, match=r"forward_gradient: .*\['count'\]"):
         tx.update(params, state, params, value_fn=lambda p: small_loss(p) + p["count"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_estimate_keeps_the_parameters_dtype_like_jax_grad(dtype):
+    """With half-precision parameters and a float32 loss, the estimate is formed in float32
+    and rounded to the leaf's dtype (jax.grad's dtype), for the function and the transform."""
+    params = jax.tree.map(lambda x: x.astype(dtype), PARAMS)
+    loss = lambda p: small_loss(jax.tree.map(lambda x: x.astype(jnp.float32), p))
+    subkey = jax.random.split(jax.random.key(0))[1]  # the transform's first draw
+    _, g = fwdgrad.value_and_forward_grad(loss, structure="rank_one")(subkey, params)
+    tx = fwdgrad.forward_gradient(jax.random.key(0), structure="rank_one")
+    u, _ = tx.update(params, tx.init(params), params, value_fn=loss)
+    exact = jax.grad(loss)(params)
+    for tree in (g, u):
+        assert jax.tree.map(lambda x: x.dtype, tree) == jax.tree.map(lambda x: x.dtype, exact)
+    # the same direction (same key): the same estimate, rounded once
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), g, u)
