@@ -6,7 +6,8 @@ leaves, zero-size axes; few structures so that each transformation compiles once
 and dtype) whose values hypothesis draws:
 
 * finite inputs: ``update`` returns finite updates with the parameters' structure, shapes and
-  dtypes (float16, bfloat16, float32; float64 when x64 is enabled), or raises a clear error;
+  dtypes (float16, bfloat16, float32, float64 when x64 is enabled, or a mix across leaves), or
+  raises a clear error;
 * a NaN or ±inf in the gradient, the loss or the parameters: the transformations that skip
   such a step (AliG, the forward gradient; Kronecker preconditioning for its factors) still
   return finite updates and a finite state; the others propagate the non-finite entry, as
@@ -61,8 +62,14 @@ def is_shape(x):
 
 
 def make_tree(structure, dtype, rng, low=-2.0, high=2.0):
-    return jax.tree.map(
-        lambda s: jnp.asarray(rng.uniform(low, high, size=s), dtype), structure, is_leaf=is_shape
+    """Uniform values of ``structure``'s shapes; ``dtype="mixed"`` cycles through DTYPES."""
+    shapes, treedef = jax.tree.flatten(structure, is_leaf=is_shape)
+    dtypes = DTYPES if dtype == "mixed" else [dtype]
+    return treedef.unflatten(
+        [
+            jnp.asarray(rng.uniform(low, high, size=s), dtypes[i % len(dtypes)])
+            for i, s in enumerate(shapes)
+        ]
     )
 
 
@@ -197,7 +204,7 @@ def check_like(updates, params):
 @SETTINGS
 @given(
     structure_index=st.integers(0, len(STRUCTURES) - 1),
-    dtype=st.sampled_from(DTYPES),
+    dtype=st.sampled_from([*DTYPES, "mixed"]),
     seed=st.integers(0, 2**31 - 1),
     where=st.sampled_from([None, "grads", "value", "params", "extras"]),
     bad=st.sampled_from(NON_FINITE),
@@ -221,7 +228,7 @@ def test_transformation_returns_finite_updates_like_the_params(
     elif where == "extras":
         curvature = corrupt(curvature, rng, abs(bad))
         factors = corrupt(factors, rng, bad)
-    update = compiled_update(name, structure_index, jnp.dtype(dtype))
+    update = compiled_update(name, structure_index, str(dtype))
     if name == "proximal_linf1" and any(p.ndim == 0 for p in jax.tree.leaves(params)):
         with pytest.raises(ValueError, match=r"proximal: prox_fn failed on the parameter .*\(\)"):
             update(params, grads, value, shift, curvature, factors)
