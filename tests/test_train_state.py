@@ -18,10 +18,17 @@ X = jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)
 Y = jnp.asarray(np.random.default_rng(1).normal(size=(6, 2)), jnp.float32)
 
 
+def curvature_of(grads):
+    """Any positive tree shaped like the gradient stands in for a curvature diagonal."""
+    return jax.tree.map(lambda g: g**2 + 0.5, grads)
+
+
 def direct_step(tx, params, loss):
-    """The reference: ``tx.update`` called by hand, both extra arguments given."""
+    """The reference: ``tx.update`` called by hand, every extra argument given."""
     value, grads = jax.value_and_grad(loss)(params)
-    updates, _ = tx.update(grads, tx.init(params), params, value=value, value_fn=loss)
+    updates, _ = tx.update(
+        grads, tx.init(params), params, value=value, value_fn=loss, curvature=curvature_of(grads)
+    )
     return optax.apply_updates(params, updates)
 
 
@@ -30,6 +37,7 @@ TRANSFORMS = {
     "forward_gradient": lambda: optax.chain(
         jaxopt_suite.forward_gradient(jax.random.key(7)), optax.sgd(0.1)
     ),
+    "diag_ggn_sgd": lambda: jaxopt_suite.diag_ggn_sgd(0.1),
 }
 
 
@@ -50,7 +58,13 @@ def test_linen_train_state_forwards_extra_arguments(name):
     def step(state):
         value, grads = jax.value_and_grad(loss)(state.params)
         # batch_stats is a field (replaced, as in flax); value and value_fn go to tx.update
-        return state.apply_gradients(grads=grads, value=value, value_fn=loss, batch_stats={"n": 1})
+        return state.apply_gradients(
+            grads=grads,
+            value=value,
+            value_fn=loss,
+            curvature=curvature_of(grads),
+            batch_stats={"n": 1},
+        )
 
     new = step(state)
     expected = direct_step(TRANSFORMS[name](), params, loss)
@@ -73,7 +87,8 @@ def test_nnx_optimizer_forwards_extra_arguments(name):
     @nnx.jit
     def step(model, optimizer):
         value, grads = nnx.value_and_grad(lambda m: jnp.mean((m(X) - Y) ** 2))(model)
-        optimizer.update(model, grads, value=value, value_fn=loss)
+        curvature = curvature_of(nnx.as_pure(grads))
+        optimizer.update(model, grads, value=value, value_fn=loss, curvature=curvature)
 
     step(model, optimizer)
     new = nnx.as_pure(nnx.state(model, nnx.Param))
