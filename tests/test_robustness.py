@@ -43,11 +43,11 @@ SETTINGS = settings(
 )
 
 # Shapes of the parameter trees: a flax-like layer dict with a 0-d leaf; a list holding a
-# layer, a vector and an empty leaf; zero-size axes (a layer with no units, a kernel with no
-# inputs); a bare array.
+# layer, a vector and an empty list, an empty leaf and an empty dict; zero-size axes (a layer
+# with no units, a kernel with no inputs); a bare array.
 STRUCTURES = [
     {"Dense_0": {"kernel": (3, 2), "bias": (2,)}, "scale": ()},
-    {"layers": [{"kernel": (2, 2), "bias": (2,)}, (4,)], "empty": (0,)},
+    {"layers": [{"kernel": (2, 2), "bias": (2,)}, (4,), []], "empty": (0,), "none": {}},
     {"Dense_0": {"kernel": (3, 0), "bias": (0,)}, "Dense_1": {"kernel": (0, 2), "bias": (2,)}},
     (3,),
 ]
@@ -209,6 +209,8 @@ def check_like(updates, params):
     where=st.sampled_from([None, "grads", "value", "params", "extras"]),
     bad=st.sampled_from(NON_FINITE),
 )
+@example(structure_index=1, dtype="mixed", seed=0, where=None, bad=np.nan)
+@example(structure_index=2, dtype=jnp.bfloat16, seed=1, where="grads", bad=np.inf)
 def test_transformation_returns_finite_updates_like_the_params(
     name, structure_index, dtype, seed, where, bad
 ):
