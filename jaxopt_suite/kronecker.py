@@ -332,7 +332,8 @@ def scale_by_kronecker(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params=None, *,
-      factors)``.
+      factors)``. A parameter or update leaf that is not floating (integer parameters) is a
+      ``TypeError`` naming the leaves.
 
     Example:
       >>> tx = scale_by_kronecker(damping=1e-2)

@@ -49,6 +49,8 @@ def scale_by_diagonal_curvature(
       requires ``curvature``, a pytree with the structure and shapes of ``updates`` (other extra
       keyword arguments are ignored). A non-finite curvature entry gives a non-finite update
       entry, which :func:`jaxopt_suite.harness.train.make_step` keeps out of the parameters.
+      A parameter, update or curvature leaf that is not floating (integer parameters) is a
+      ``TypeError`` naming the leaves.
 
     Example:
       >>> import jax.numpy as jnp

@@ -45,11 +45,11 @@ def check_floating(tree: PyTree, argument: str, method: str) -> None:
         )
 
 
-def is_masked_node(x) -> bool:
+def _is_masked_node(x) -> bool:
     return isinstance(x, optax.MaskedNode)
 
 
 def has_masked_nodes(tree: PyTree) -> bool:
     """True when ``tree`` is a tree that ``optax.masked`` has cut (some entries are
     ``optax.MaskedNode`` placeholders)."""
-    return any(is_masked_node(x) for x in jax.tree.leaves(tree, is_leaf=is_masked_node))
+    return any(_is_masked_node(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked_node))

@@ -204,7 +204,8 @@ def group_sparsity(
         \text{linf1: } g_j \leftarrow g_j - \Pi_{\lVert\cdot\rVert_1 \le t_k}(g_j)
 
     so whole neurons become exactly zero and can be deleted (:func:`autosize.shrink`). Leaves
-    that are not part of a layer pass through unchanged. Group norms and thresholds are
+    that are not part of a layer pass through unchanged, and so does a layer without units
+    (a zero-size last axis: it has no group). Group norms and thresholds are
     computed in at least float32 (bfloat16 parameters stay bfloat16). With
     ``reg=0.005, learning_rate=0.1, norm="linf1"`` it is ProxGradPytorch's
     ``linf1(weight, bias, reg=0.005)`` in Flax layout (kernel columns instead of weight rows).

@@ -600,13 +600,20 @@ def test_materialised_draw_is_the_draw_itself(n):
     np.testing.assert_array_equal(np.asarray(directions._materialise(x)), np.asarray(x))
 
 
+FAST = {"structure": "rank_one", "perturb": "one_layer"}
+
+
 def test_mask_estimates_the_selected_leaves_and_value_fn_sees_them_all():
     """One Rademacher direction on a single scalar leaf is ±1, so its estimate (∇f·v)v is the
     exact partial derivative; the unselected leaves (which value_fn still reads) get exact
-    zeros. A callable mask and a prefix mask select the same leaves."""
+    zeros. A callable mask and a prefix mask select the same leaves; with one_layer the
+    selected leaf is the only layer, drawn with probability 1."""
     exact = jax.grad(small_loss)(PARAMS)
-    for mask in ({"w": False, "b": False, "s": True}, lambda p: {k: k == "s" for k in p}):
-        tx = fwdgrad.forward_gradient(jax.random.key(3), distribution="rademacher", mask=mask)
+    masks = [({"w": False, "b": False, "s": True}, {}), (lambda p: {k: k == "s" for k in p}, FAST)]
+    for mask, options in masks:
+        tx = fwdgrad.forward_gradient(
+            jax.random.key(3), distribution="rademacher", mask=mask, **options
+        )
         update = jax.jit(lambda p, s, tx=tx: tx.update(p, s, p, value_fn=small_loss)[0])
         grads = update(PARAMS, tx.init(PARAMS))
         np.testing.assert_allclose(grads["s"], exact["s"], rtol=1e-5)
