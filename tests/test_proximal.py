@@ -307,3 +307,14 @@ def test_group_sparsity_on_layers_with_empty_axes():
     new, _ = jax.jit(tx.update)(updates, tx.init(params), params)
     np.testing.assert_allclose(new["Dense_1"]["bias"] + params["Dense_1"]["bias"], [0.4, 0.0])
     assert new["Dense_0"]["kernel"].shape == (3, 0) and new["Dense_1"]["kernel"].shape == (0, 2)
+
+
+def test_a_prox_that_refuses_a_leaf_is_an_error_naming_it():
+    """A grouped operator needs an axis: on a 0-d leaf the error names the leaf and mask=."""
+    params = {"w": jnp.ones((2, 2)), "scale": jnp.array(1.0)}
+    tx = proximal(prox.linf1, reg=0.1, learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"\['scale'\] of shape \(\).*mask="):
+        tx.update(params, tx.init(params), params)
+    masked = proximal(prox.linf1, 0.1, 0.1, mask={"w": True, "scale": False})
+    updates, _ = masked.update(params, masked.init(params), params)
+    assert updates["scale"] is params["scale"]

@@ -138,7 +138,8 @@ def proximal(
             try:
                 return prox_fn(p + u, t) - p
             except (TypeError, ValueError) as err:
-                raise type(err)(
+                kind = TypeError if isinstance(err, TypeError) else ValueError
+                raise kind(
                     f"proximal: prox_fn failed on the parameter {jax.tree_util.keystr(path)} "
                     f"of shape {jnp.shape(p)}: {err}. Leave such leaves out with mask="
                 ) from err
