@@ -78,9 +78,9 @@ def test_nnx_optimizer_forwards_extra_arguments(name):
     """``nnx.Optimizer.update(model, grads, **kwargs)`` passes kwargs to ``tx.update``;
     value_fn receives the parameters' pure state, so it merges them back into the model."""
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     pure = nnx.as_pure(params)
-    loss = lambda p: jnp.mean((nnx.merge(graphdef, p)(X) - Y) ** 2)
+    loss = lambda p: jnp.mean((nnx.merge(graphdef, p, rest)(X) - Y) ** 2)
     expected = direct_step(TRANSFORMS[name](), pure, loss)
     optimizer = nnx.Optimizer(model, TRANSFORMS[name](), wrt=nnx.Param)
 
