@@ -432,6 +432,8 @@ def test_other_bad_input():
         alig(adjusted_momentum="yes")
     with pytest.raises(ValueError, match="max_norm"):
         project_l2_ball({"a": jnp.ones(2)}, 0.0)
+    with pytest.raises(TypeError, match=r"project_l2_ball: .*\['a'\] \(int32\)"):
+        project_l2_ball({"a": jnp.ones(2, jnp.int32)}, 1.0)
     tx = alig(0.1, projection=functools.partial(project_l2_ball, max_norm=1.0))
     grads = {"w": jnp.ones(2)}
     with pytest.raises(ValueError, match="params"):

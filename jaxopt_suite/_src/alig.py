@@ -422,11 +422,16 @@ def project_l2_ball(tree: PyTree, max_norm: Scalar) -> PyTree:
     Returns:
       The projected tree, same structure and dtypes.
 
+    Raises:
+      ValueError: ``max_norm <= 0`` (when concrete).
+      TypeError: a leaf that is not floating (its scaled value would be rounded).
+
     Example:
       >>> import functools
       >>> tx = alig(max_lr=0.1, projection=functools.partial(project_l2_ball, max_norm=100.0))
     """
     _check_scalar("max_norm", max_norm, lambda x: x > 0, "positive")
+    check_floating(tree, "tree", "project_l2_ball")
     norm = jnp.sqrt(global_sq_norm(tree))
     factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
     return _scale_like(factor, tree)

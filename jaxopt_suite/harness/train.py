@@ -216,8 +216,10 @@ def make_step(
         # not reduced over: that made XLA keep a parameter-sized temporary for any update
         # that is not trivially recomputed (AliG's, the grouped prox's). Instead each entry
         # whose new value p + u is not finite (a transform's own overflow or 0/0) keeps p.
+        ok = jnp.isfinite(value) & all_finite(direction)
         extra_arrays = [x for x in jax.tree.leaves(extra) if isinstance(x, jax.Array)]
-        ok = jnp.isfinite(value) & all_finite(direction) & all_finite(extra_arrays)
+        if extra_arrays:
+            ok = ok & all_finite(extra_arrays)
         new_params = optax.apply_updates(state.params, updates)
         new_params = jax.tree.map(
             lambda new, old: jnp.where(ok & jnp.isfinite(new), new, old), new_params, state.params
