@@ -8,6 +8,8 @@
 * Forward gradient: :func:`forward_grad`, :func:`value_and_forward_grad`,
   :func:`forward_gradient`.
 * ProxProp: :mod:`jaxopt_suite.proxprop` (``custom_vjp`` ops, linen and nnx layers).
+* Extra arguments of ``update`` through flax and optax wrappers: :class:`TrainState` (linen),
+  :func:`bind_extra_args` (e.g. inside ``optax.lookahead``).
 * The harness around them: :mod:`jaxopt_suite.harness` (training loop, models, datasets,
   ``compare`` recipes, CLI); ``train``, ``zoo``, ``data``, ``benchmarking``, ``cli`` and
   ``methods`` (the recipes) are its modules under their former names.
@@ -60,6 +62,10 @@ _EXPORTS: dict[str, str] = {
     "forward_gradient": "jaxopt_suite.fwdgrad",
     # ProxProp
     "proxprop": "jaxopt_suite.proxprop",
+    # extra arguments of update through flax's TrainState and optax wrappers
+    "train_state": "jaxopt_suite.train_state",
+    "TrainState": "jaxopt_suite.train_state",
+    "bind_extra_args": "jaxopt_suite.train_state",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_suite._src.checks import check_floating
 from jaxopt_suite._tree import all_finite
 from jaxopt_suite._typing import PyTree
 from jaxopt_suite.curvature import products
@@ -331,7 +332,8 @@ def scale_by_kronecker(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params=None, *,
-      factors)``.
+      factors)``. A parameter or update leaf that is not floating (integer parameters) is a
+      ``TypeError`` naming the leaves.
 
     Example:
       >>> tx = scale_by_kronecker(damping=1e-2)
@@ -347,6 +349,7 @@ def scale_by_kronecker(
     _check_static("inverse_every", inverse_every, lambda v: v >= 1, "an integer >= 1")
 
     def init_fn(params):
+        check_floating(params, "params", "scale_by_kronecker")
         covered = _resolve_mask(mask, params)
 
         def zeros(p, on):
@@ -375,6 +378,7 @@ def scale_by_kronecker(
                 "factors= of update (a pytree like the params: (A, G) per kernel, (G,) per "
                 "bias, None elsewhere)"
             )
+        check_floating(updates, "updates", "scale_by_kronecker")
         new = _match_factors(updates, state.factors, factors)
         finite = all_finite(new)
         weight = jnp.where(state.count == 0, 1.0, 1.0 - jnp.asarray(decay))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxopt_suite._src.checks import check_floating
 from jaxopt_suite._typing import PyTree
 
 
@@ -48,6 +49,8 @@ def scale_by_diagonal_curvature(
       requires ``curvature``, a pytree with the structure and shapes of ``updates`` (other extra
       keyword arguments are ignored). A non-finite curvature entry gives a non-finite update
       entry, which :func:`jaxopt_suite.harness.train.make_step` keeps out of the parameters.
+      A parameter, update or curvature leaf that is not floating (integer parameters) is a
+      ``TypeError`` naming the leaves.
 
     Example:
       >>> import jax.numpy as jnp
@@ -61,7 +64,7 @@ def scale_by_diagonal_curvature(
         raise ValueError(f"damping must be positive (it keeps the division finite); got {damping}")
 
     def init_fn(params: PyTree) -> ScaleByDiagonalCurvatureState:
-        del params
+        check_floating(params, "params", "scale_by_diagonal_curvature")
         return ScaleByDiagonalCurvatureState()
 
     def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
@@ -71,6 +74,8 @@ def scale_by_diagonal_curvature(
                 "scale_by_diagonal_curvature needs the keyword argument curvature= (a pytree "
                 "like the updates, e.g. extras['diag_ggn_mc'] from curvature.value_and_grad)"
             )
+        check_floating(updates, "updates", "scale_by_diagonal_curvature")
+        check_floating(curvature, "curvature", "scale_by_diagonal_curvature")
         if jax.tree.structure(curvature) != jax.tree.structure(updates):
             raise ValueError(
                 "curvature must have the structure of the updates; got "

@@ -432,6 +432,8 @@ def test_other_bad_input():
         alig(adjusted_momentum="yes")
     with pytest.raises(ValueError, match="max_norm"):
         project_l2_ball({"a": jnp.ones(2)}, 0.0)
+    with pytest.raises(TypeError, match=r"project_l2_ball: .*\['a'\] \(int32\)"):
+        project_l2_ball({"a": jnp.ones(2, jnp.int32)}, 1.0)
     tx = alig(0.1, projection=functools.partial(project_l2_ball, max_norm=1.0))
     grads = {"w": jnp.ones(2)}
     with pytest.raises(ValueError, match="params"):
@@ -555,3 +557,20 @@ def test_trains_in_the_shared_loop_and_compare_method():
         losses.append(float(loss))
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
     assert int(state.opt_state.alig.skipped) == 0
+
+
+@pytest.mark.parametrize("make", [lambda: alig(0.1, momentum=0.9), lambda: scale_by_alig(0.1)])
+def test_integer_parameters_are_refused_naming_the_leaf(make):
+    """An int32 leaf would get an int32 update that rounds every step to 0 (training never
+    moves), and jax.grad(..., allow_int=True) gives it a float0 gradient: both are refused at
+    trace time, naming the leaf."""
+    params = {"w": jnp.ones(2), "steps": jnp.array([3, 4])}
+    tx = make()
+    with pytest.raises(TypeError, match=r"\['steps'\] \(int32\)"):
+        tx.init(params)
+    floats = {"w": jnp.ones(2), "steps": jnp.ones(2)}
+    state = tx.init(floats)
+    loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["steps"])
+    value, grads = jax.value_and_grad(loss, allow_int=True)(params)
+    with pytest.raises(TypeError, match=r"\['steps'\] \(float0\)"):
+        jax.jit(lambda g, s: tx.update(g, s, floats, value=value))(grads, state)

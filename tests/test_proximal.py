@@ -292,3 +292,29 @@ def test_compare_methods_report_live_units():
     zeros = jax.tree.map(jnp.zeros_like, tiny)
     updates, _ = setup.tx.update(zeros, setup.tx.init(tiny), tiny)
     assert autosize.live_units(optax.apply_updates(tiny, updates)) == {"Dense_0": 0, "Dense_1": 2}
+
+
+def test_group_sparsity_on_layers_with_empty_axes():
+    """A layer with no units has no group (its empty leaves pass through); a kernel with no
+    inputs leaves each group as its bias entry alone: the l21 prox of a scalar, the
+    soft-threshold sign(x) max(|x| - t, 0)."""
+    params = {
+        "Dense_0": {"kernel": jnp.ones((3, 0)), "bias": jnp.ones(0)},
+        "Dense_1": {"kernel": jnp.ones((0, 2)), "bias": jnp.array([0.5, -0.05])},
+    }
+    updates = jax.tree.map(jnp.zeros_like, params)
+    tx = group_sparsity(0.2, 0.5)  # t = 0.1
+    new, _ = jax.jit(tx.update)(updates, tx.init(params), params)
+    np.testing.assert_allclose(new["Dense_1"]["bias"] + params["Dense_1"]["bias"], [0.4, 0.0])
+    assert new["Dense_0"]["kernel"].shape == (3, 0) and new["Dense_1"]["kernel"].shape == (0, 2)
+
+
+def test_a_prox_that_refuses_a_leaf_is_an_error_naming_it():
+    """A grouped operator needs an axis: on a 0-d leaf the error names the leaf and mask=."""
+    params = {"w": jnp.ones((2, 2)), "scale": jnp.array(1.0)}
+    tx = proximal(prox.linf1, reg=0.1, learning_rate=0.1)
+    with pytest.raises(ValueError, match=r"\['scale'\] of shape \(\).*mask="):
+        tx.update(params, tx.init(params), params)
+    masked = proximal(prox.linf1, 0.1, 0.1, mask={"w": True, "scale": False})
+    updates, _ = masked.update(params, masked.init(params), params)
+    assert updates["scale"] is params["scale"]

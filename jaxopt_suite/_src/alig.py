@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxopt_suite._src.checks import check_floating
 from jaxopt_suite._typing import PyTree
 
 Scalar = float | jax.Array
@@ -248,7 +249,8 @@ def scale_by_alig(
 
     Raises:
       ValueError: ``max_lr <= 0``, ``eps < 0`` or a non-finite ``f_min``.
-      TypeError: (from ``update``) ``value`` was not given.
+      TypeError: (from ``update``) ``value`` was not given; (from ``init`` / ``update``) a
+        parameter or update leaf is not floating (integer parameters cannot take a step).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -263,11 +265,12 @@ def scale_by_alig(
     _check_hyperparams(max_lr, eps, f_min)
 
     def init_fn(params: PyTree) -> ScaleByAligState:
-        del params
+        check_floating(params, "params", "scale_by_alig")
         return _step_size_state()
 
     def update_fn(updates, state, params=None, *, value=None, **extra):
         del params, extra
+        check_floating(updates, "updates", "scale_by_alig")
         step, ok, new_state = _alig_step(updates, state, value, max_lr, eps, f_min)
         scaled = jax.tree.map(lambda g: jnp.where(ok, step * g, 0).astype(g.dtype), updates)
         return scaled, new_state
@@ -335,7 +338,8 @@ def alig(
       ValueError: ``max_lr <= 0``, ``eps < 0``, ``momentum`` outside ``[0, 1)``, a non-finite
         ``f_min``, a ``projection`` that is not callable, or (from ``update``) a projection
         without ``params``.
-      TypeError: (from ``update``) ``value`` was not given.
+      TypeError: (from ``update``) ``value`` was not given; (from ``init`` / ``update``) a
+        parameter or update leaf is not floating (integer parameters cannot take a step).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -361,6 +365,7 @@ def alig(
     use_velocity = not (isinstance(momentum, int | float) and momentum == 0)
 
     def init_fn(params: PyTree) -> AligState:
+        check_floating(params, "params", "alig")
         velocity = optax.tree.zeros_like(params) if use_velocity else optax.EmptyState()
         return AligState(alig=_step_size_state(), velocity=velocity)
 
@@ -368,6 +373,7 @@ def alig(
         del extra
         if projection is not None and params is None:
             raise ValueError("alig with a projection needs params: call update(..., params)")
+        check_floating(updates, "updates", "alig")
         step, ok, step_state = _alig_step(updates, state.alig, value, max_lr, eps, f_min)
         velocity = state.velocity
         if not use_velocity:
@@ -416,11 +422,16 @@ def project_l2_ball(tree: PyTree, max_norm: Scalar) -> PyTree:
     Returns:
       The projected tree, same structure and dtypes.
 
+    Raises:
+      ValueError: ``max_norm <= 0`` (when concrete).
+      TypeError: a leaf that is not floating (its scaled value would be rounded).
+
     Example:
       >>> import functools
       >>> tx = alig(max_lr=0.1, projection=functools.partial(project_l2_ball, max_norm=100.0))
     """
     _check_scalar("max_norm", max_norm, lambda x: x > 0, "positive")
+    check_floating(tree, "tree", "project_l2_ball")
     norm = jnp.sqrt(global_sq_norm(tree))
     factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny))
     return _scale_like(factor, tree)

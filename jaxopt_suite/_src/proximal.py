@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxopt_suite import autosize, prox
+from jaxopt_suite._src.checks import check_floating
 
 ProxFn = Callable[[jax.Array, jax.Array], jax.Array]
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -65,7 +67,7 @@ def _missing_params(name: str) -> ValueError:
 
 
 def _init(params: Any) -> ProximalState:
-    del params
+    check_floating(params, "params", "proximal / group_sparsity")
     return ProximalState(count=jnp.zeros([], jnp.int32))
 
 
@@ -99,6 +101,13 @@ def proximal(
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
 
+    Raises:
+      ValueError: a negative ``reg`` or ``learning_rate``; (from ``update``) ``params``
+        missing, or ``prox_fn`` refusing a leaf (e.g. a grouped operator on a 0-d leaf), naming
+        the leaf.
+      TypeError: ``prox_fn`` not callable; (from ``init`` / ``update``) a leaf that is not
+        floating.
+
     Example::
 
         >>> import optax, jax.numpy as jnp
@@ -121,8 +130,21 @@ def proximal(
         del extra_args
         if params is None:
             raise _missing_params("proximal")
+        check_floating(params, "params", "proximal")
+        check_floating(updates, "updates", "proximal")
         t = _strength(reg, learning_rate, state.count)
-        new_updates = jax.tree.map(lambda u, p: prox_fn(p + u, t) - p, updates, params)
+
+        def step(path, u, p):
+            try:
+                return prox_fn(p + u, t) - p
+            except (TypeError, ValueError) as err:
+                kind = TypeError if isinstance(err, TypeError) else ValueError
+                raise kind(
+                    f"proximal: prox_fn failed on the parameter {jax.tree_util.keystr(path)} "
+                    f"of shape {jnp.shape(p)}: {err}. Leave such leaves out with mask="
+                ) from err
+
+        new_updates = jax.tree_util.tree_map_with_path(step, updates, params)
         return new_updates, ProximalState(count=optax.safe_increment(state.count))
 
     tx = optax.GradientTransformationExtraArgs(_init, update_fn)
@@ -183,7 +205,8 @@ def group_sparsity(
         \text{linf1: } g_j \leftarrow g_j - \Pi_{\lVert\cdot\rVert_1 \le t_k}(g_j)
 
     so whole neurons become exactly zero and can be deleted (:func:`autosize.shrink`). Leaves
-    that are not part of a layer pass through unchanged. Group norms and thresholds are
+    that are not part of a layer pass through unchanged, and so does a layer without units
+    (a zero-size last axis: it has no group). Group norms and thresholds are
     computed in at least float32 (bfloat16 parameters stay bfloat16). With
     ``reg=0.005, learning_rate=0.1, norm="linf1"`` it is ProxGradPytorch's
     ``linf1(weight, bias, reg=0.005)`` in Flax layout (kernel columns instead of weight rows).
@@ -221,6 +244,8 @@ def group_sparsity(
         del extra_args
         if params is None:
             raise _missing_params("group_sparsity")
+        check_floating(params, "params", "group_sparsity")
+        check_floating(updates, "updates", "group_sparsity")
         t = _strength(reg, learning_rate, state.count)
         param_leaves, treedef = jax.tree.flatten(params)
         update_leaves = treedef.flatten_up_to(updates)
@@ -230,9 +255,12 @@ def group_sparsity(
             leaves = [layer.kernel] if b is None else [layer.kernel, b]
             # The kernel as (fan_in, units) columns, the bias as one row.
             units = param_leaves[layer.kernel].shape[-1]
+            if units == 0:  # a layer without units has no group to shrink
+                continue
+            rows = lambda x: x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
             new = _group_updates(
-                [param_leaves[i].reshape(-1, units) for i in leaves],
-                [update_leaves[i].reshape(-1, units) for i in leaves],
+                [rows(param_leaves[i]) for i in leaves],
+                [rows(update_leaves[i]) for i in leaves],
                 t,
                 norm,
             )

@@ -188,13 +188,15 @@ def _one_layer_direction(key, diff, distribution, structure, layer_probabilities
     layer set of every leaf and ``gate(set) -> traced bool | None``, whether the chosen layer is
     in the set (None: always)."""
     layer_of, sizes = _layers(diff)
-    if layer_probabilities == "size":
+    if layer_probabilities == "size" and sum(sizes) > 0:
         probs = np.asarray(sizes, np.float64) / sum(sizes)
     else:
         probs = np.full(len(sizes), 1.0 / len(sizes))
     layer_key, direction_key = jax.random.split(key)
     layer = jax.random.choice(layer_key, len(sizes), p=jnp.asarray(probs, jnp.float32))
-    scale = jnp.asarray(1.0 / np.sqrt(probs), jnp.float32)[layer]
+    # an empty layer has p_l = 0 under "size" and is never drawn: its scale is never read
+    inverse_root = np.divide(1.0, np.sqrt(probs), out=np.zeros_like(probs), where=probs > 0)
+    scale = jnp.asarray(inverse_root, jnp.float32)[layer]
     v = _direction(direction_key, diff, distribution, structure)
     is_rank_one = lambda d: isinstance(d, RankOne)
     leaves, treedef = jax.tree.flatten(v, is_leaf=is_rank_one)

@@ -112,8 +112,10 @@ def value_and_forward_grad(
 
     Returns:
       ``g(key, *args, **kwargs) -> (value, estimate)`` (``((value, aux), estimate)`` with
-      ``has_aux``); ``estimate`` has the structure of the differentiated argument (a tuple of
-      them when ``argnums`` is a sequence).
+      ``has_aux``); ``estimate`` has the structure and dtypes of the differentiated argument
+      (a tuple of them when ``argnums`` is a sequence), as ``jax.grad``'s: with float16 or
+      bfloat16 parameters and a float32 loss, :math:`(\nabla f \cdot v)\, v` is formed in
+      float32 and rounded to each leaf's dtype.
 
     Example:
       >>> f = lambda x: jnp.sum(x**2)
@@ -231,6 +233,7 @@ def _estimator(
             if guard:
                 total = jax.tree.map(lambda t: jnp.where(ok, t, jnp.zeros_like(t)), total)
             grads = jax.tree.map(lambda t: t / num_directions, total)
+        grads = jax.tree.map(lambda g, x: g.astype(jnp.result_type(x)), grads, diff)
         grads = grads[0] if isinstance(argnums, int) else grads
         return value, aux, grads, ok
 

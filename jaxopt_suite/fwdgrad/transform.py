@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxopt_suite._src.checks import check_floating, has_masked_nodes
 from jaxopt_suite.fwdgrad.directions import (
     DISTRIBUTIONS,
     LAYER_PROBABILITIES,
@@ -40,6 +42,7 @@ def forward_gradient(
     perturb: str = "all",
     layer_probabilities: str = "uniform",
     batching: str = "vmap",
+    mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Replaces the incoming updates by a forward-gradient estimate of ``value_fn`` at ``params``.
 
@@ -52,6 +55,13 @@ def forward_gradient(
     optax.sgd(lr))`` trains without any backward pass. A non-finite loss or directional
     derivative yields a zero update and increments ``state.nonfinite``.
 
+    To train only part of the parameters, pass ``mask``: the directions are drawn for the
+    selected leaves only (the others get zero tangents and a zero estimate), and ``value_fn``
+    still receives the whole tree. Inside ``optax.masked`` this transformation would see only
+    the selected leaves, so ``value_fn`` could not be evaluated; that is an error (raised at
+    trace time) that names ``mask=`` as the remedy:
+    ``optax.chain(forward_gradient(key, mask=mask), optax.sgd(lr))``.
+
     Args:
       key: PRNG key; the state carries it and splits it at every update.
       num_directions: K >= 1 directions averaged per update.
@@ -61,10 +71,18 @@ def forward_gradient(
       layer_probabilities: ``"uniform"`` or ``"size"``, for ``"one_layer"``.
       batching: ``"vmap"`` or ``"scan"`` (memory-saving; with ``"one_layer"`` and K > 1, also
         the fast one).
+      mask: as in ``optax.masked``, a prefix tree of bools (or ``params -> tree``): leaves
+        mapped to True are estimated, the others get a zero update (the variance is that of
+        the selected parameters alone: n counts only them).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose
       ``update(updates, state, params, *, value_fn)`` needs ``value_fn(params) -> scalar``.
+
+    Raises:
+      ValueError: an unknown choice, ``num_directions < 1``; (from ``update``) no
+        ``value_fn`` or ``params``, or ``params`` cut by ``optax.masked``.
+      TypeError: (from ``init`` / ``update``) a parameter leaf that is not floating.
 
     Example:
       >>> tx = optax.chain(forward_gradient(jax.random.key(0)), optax.sgd(1e-2))
@@ -93,7 +111,7 @@ def forward_gradient(
     )
 
     def init_fn(params: optax.Params) -> ForwardGradientState:
-        del params
+        check_floating(params, "params", "forward_gradient")
         return ForwardGradientState(key=key, nonfinite=jnp.zeros((), jnp.int32))
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -105,8 +123,49 @@ def forward_gradient(
             )
         if params is None:
             raise ValueError("forward_gradient needs params: update(updates, state, params, ...)")
+        if has_masked_nodes(params):
+            raise ValueError(
+                "forward_gradient inside optax.masked receives only the unmasked parameters, "
+                "so value_fn (a function of all of them) cannot be evaluated. Give the mask to "
+                "forward_gradient instead: optax.chain(forward_gradient(key, mask=mask), "
+                "optax.sgd(lr)) estimates the masked-in leaves and leaves the others at zero"
+            )
+        check_floating(params, "params", "forward_gradient")
         next_key, subkey = jax.random.split(state.key)
-        _, _, grads, ok = estimate(subkey, params, value_fn)
+        if mask is None:
+            _, _, grads, ok = estimate(subkey, params, value_fn)
+        else:
+            grads, ok = _masked_estimate(estimate, subkey, params, value_fn, mask)
         return grads, ForwardGradientState(next_key, state.nonfinite + (~ok).astype(jnp.int32))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _masked_estimate(estimate, key, params, value_fn, mask):
+    """The estimate for the leaves that ``mask`` selects, zeros for the others: the selected
+    leaves are differentiated as a tree whose other entries are ``None``, and ``value_fn`` gets
+    them merged back with the unselected values."""
+    leaves, treedef = jax.tree.flatten(params)
+    mask_tree = mask(params) if callable(mask) else mask
+    try:
+        selected = jax.tree.leaves(
+            jax.tree.map(lambda m, p: jax.tree.map(lambda _: bool(m), p), mask_tree, params)
+        )
+    except ValueError as err:
+        raise ValueError(
+            "mask must be a prefix of the params tree (one bool per leaf or subtree), got "
+            f"{jax.tree.structure(mask_tree)} for params {treedef}"
+        ) from err
+    positions = [i for i, on in enumerate(selected) if on]
+    part = treedef.unflatten([x if on else None for x, on in zip(leaves, selected, strict=True)])
+
+    def merged(sub):
+        full = list(leaves)
+        for i, x in zip(positions, jax.tree.leaves(sub), strict=True):
+            full[i] = x
+        return value_fn(treedef.unflatten(full))
+
+    _, _, sub_grads, ok = estimate(key, part, merged)
+    estimates = dict(zip(positions, jax.tree.leaves(sub_grads), strict=True))
+    grads = [estimates.get(i, jnp.zeros_like(x)) for i, x in enumerate(leaves)]
+    return treedef.unflatten(grads), ok

@@ -179,7 +179,7 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
     key: jax.Array
     step: jax.Array
-    skipped: jax.Array  # steps whose loss or direction was not finite
+    skipped: jax.Array  # steps whose loss, direction or extra arrays were not finite
 
 
 def init_state(params: PyTree, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
@@ -235,13 +235,19 @@ def make_step(
         batch = (preprocess(images), labels)
         value, direction, extra = gradient(problem, state.params, batch, subkey)
         updates, opt_state = tx.update(direction, state.opt_state, state.params, **extra)
-        # A non-finite loss or direction skips the whole step (parameters and optimizer state;
-        # the direction too, since a transform that zeroes a non-finite step would otherwise
-        # let the NaN into the state of the transforms before it in a chain). The updates are
+        # A non-finite loss, direction or extra array (curvature, factors) skips the whole
+        # step (parameters and optimizer state; the direction too, since a transform that
+        # zeroes a non-finite step would otherwise let the NaN into the state of the
+        # transforms before it in a chain; the extras too, since a NaN curvature would reach
+        # the state of a momentum after the preconditioner and stall every later step). The
+        # updates are
         # not reduced over: that made XLA keep a parameter-sized temporary for any update
         # that is not trivially recomputed (AliG's, the grouped prox's). Instead each entry
         # whose new value p + u is not finite (a transform's own overflow or 0/0) keeps p.
         ok = jnp.isfinite(value) & all_finite(direction)
+        extra_arrays = [x for x in jax.tree.leaves(extra) if isinstance(x, jax.Array)]
+        if extra_arrays:
+            ok = ok & all_finite(extra_arrays)
         new_params = optax.apply_updates(state.params, updates)
         new_params = jax.tree.map(
             lambda new, old: jnp.where(ok & jnp.isfinite(new), new, old), new_params, state.params

@@ -598,3 +598,64 @@ def test_materialised_draw_is_the_draw_itself(n):
     # it must not change a single bit, for tiny, huge and negative values alike.
     x = jax.random.normal(jax.random.key(n), (n,)) * jnp.logspace(-30, 30, n)
     np.testing.assert_array_equal(np.asarray(directions._materialise(x)), np.asarray(x))
+
+
+FAST = {"structure": "rank_one", "perturb": "one_layer"}
+
+
+def test_mask_estimates_the_selected_leaves_and_value_fn_sees_them_all():
+    """One Rademacher direction on a single scalar leaf is ±1, so its estimate (∇f·v)v is the
+    exact partial derivative; the unselected leaves (which value_fn still reads) get exact
+    zeros. A callable mask and a prefix mask select the same leaves; with one_layer the
+    selected leaf is the only layer, drawn with probability 1."""
+    exact = jax.grad(small_loss)(PARAMS)
+    masks = [({"w": False, "b": False, "s": True}, {}), (lambda p: {k: k == "s" for k in p}, FAST)]
+    for mask, options in masks:
+        tx = fwdgrad.forward_gradient(
+            jax.random.key(3), distribution="rademacher", mask=mask, **options
+        )
+        update = jax.jit(lambda p, s, tx=tx: tx.update(p, s, p, value_fn=small_loss)[0])
+        grads = update(PARAMS, tx.init(PARAMS))
+        np.testing.assert_allclose(grads["s"], exact["s"], rtol=1e-5)
+        np.testing.assert_array_equal(grads["w"], np.zeros((3, 2)))
+        np.testing.assert_array_equal(grads["b"], np.zeros(2))
+
+
+def test_inside_optax_masked_is_an_error_naming_the_mask_argument():
+    """optax.masked hands the inner transformation only the selected leaves (the rest are
+    MaskedNode placeholders), so value_fn cannot run; the error names the remedy."""
+    mask = {"w": True, "b": True, "s": False}
+    tx = optax.masked(fwdgrad.forward_gradient(jax.random.key(0)), mask)
+    state = tx.init(PARAMS)
+    with pytest.raises(ValueError, match=r"forward_gradient\(key, mask=mask\)"):
+        jax.jit(lambda p, s: tx.update(p, s, p, value_fn=small_loss))(PARAMS, state)
+    with pytest.raises(ValueError, match="mask must be a prefix"):
+        bad = fwdgrad.forward_gradient(jax.random.key(0), mask={"w": True, "x": False})
+        bad.update(PARAMS, bad.init(PARAMS), PARAMS, value_fn=small_loss)
+
+
+def test_integer_parameters_are_refused_naming_the_leaf():
+    params = {**PARAMS, "count": jnp.array(2)}
+    tx = fwdgrad.forward_gradient(jax.random.key(0))
+    with pytest.raises(TypeError, match=r"\['count'\] \(int32\)"):
+        tx.init(params)
+    state = tx.init(PARAMS)
+    with pytest.raises(TypeError, match=r"forward_gradient: .*\['count'\]"):
+        tx.update(params, state, params, value_fn=lambda p: small_loss(p) + p["count"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_estimate_keeps_the_parameters_dtype_like_jax_grad(dtype):
+    """With half-precision parameters and a float32 loss, the estimate is formed in float32
+    and rounded to the leaf's dtype (jax.grad's dtype), for the function and the transform."""
+    params = jax.tree.map(lambda x: x.astype(dtype), PARAMS)
+    loss = lambda p: small_loss(jax.tree.map(lambda x: x.astype(jnp.float32), p))
+    subkey = jax.random.split(jax.random.key(0))[1]  # the transform's first draw
+    _, g = fwdgrad.value_and_forward_grad(loss, structure="rank_one")(subkey, params)
+    tx = fwdgrad.forward_gradient(jax.random.key(0), structure="rank_one")
+    u, _ = tx.update(params, tx.init(params), params, value_fn=loss)
+    exact = jax.grad(loss)(params)
+    for tree in (g, u):
+        assert jax.tree.map(lambda x: x.dtype, tree) == jax.tree.map(lambda x: x.dtype, exact)
+    # the same direction (same key): the same estimate, rounded once
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), g, u)
