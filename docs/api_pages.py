@@ -27,6 +27,7 @@ MODULES = (
     "jaxopt_suite.fwdgrad",
     "jaxopt_suite.proxprop",
     "jaxopt_suite.sharding",
+    "jaxopt_suite.train_state",
     "jaxopt_suite.harness.train",
     "jaxopt_suite.harness.data",
     "jaxopt_suite.harness.zoo",
