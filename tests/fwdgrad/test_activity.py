@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_suite import fwdgrad
+from jaxopt_suite import fwdgrad, train
 
 LOSS = optax.softmax_cross_entropy_with_integer_labels
 WIDTHS = (5, 4, 3)
@@ -255,3 +255,18 @@ def test_no_backward_pass_in_the_steps():
     backprop = jax.make_jaxpr(jax.jit(sgd_step(lambda k, p: jax.grad(mean_loss)(p))))
     found = backward_products(backprop(PARAMS, jax.random.key(0)), kernel_indices(PARAMS))
     assert len(found) == 2  # the cotangents of the two hidden layers' inputs
+
+
+def test_harness_local_gradient_feeds_an_optax_step():
+    """The local-loss gradient function in a training step: the loss it reports is the
+    model's, and SGD on the estimate moves every block."""
+    problem = train.Problem(fwdgrad.chain_blocks(BLOCKS))
+    params = local_params()
+    tx = optax.sgd(0.1)
+    step = jax.jit(train.make_step(problem, tx, train.local_gradient(BLOCKS), lambda x: x))
+    state, loss = step(train.init_state(params, tx, jax.random.key(0)), X, Y)
+    np.testing.assert_allclose(loss, problem.loss_fn(params, X, Y), rtol=1e-6)
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, params)
+    assert all(jax.tree.leaves(moved))
+    with pytest.raises(ValueError, match="distribution"):
+        train.local_gradient(BLOCKS, distribution="uniform")
