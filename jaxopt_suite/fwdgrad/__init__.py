@@ -26,7 +26,9 @@ one-layer tangents), :mod:`~jaxopt_suite.fwdgrad.estimator` (:func:`value_and_fo
 the activity-perturbed estimate (tangents on the layers' pre-activations) in
 :mod:`~jaxopt_suite.fwdgrad.activity` (:func:`value_and_activity_grad`, :func:`activity_grad`)
 and its local losses per block in :mod:`~jaxopt_suite.fwdgrad.local`
-(:func:`value_and_local_grad`, :func:`chain_blocks`).
+(:func:`value_and_local_grad`, :func:`chain_blocks`); the zeroth-order estimate (two
+evaluations per direction, no jvp) in :mod:`~jaxopt_suite.fwdgrad.zeroth_order`
+(:func:`value_and_spsa_grad`, :func:`spsa_grad`, :func:`spsa_gradient`).
 """
 
 from jaxopt_suite.fwdgrad.activity import ACTIVITY_KINDS, activity_grad, value_and_activity_grad
@@ -42,6 +44,12 @@ from jaxopt_suite.fwdgrad.directions import (
 from jaxopt_suite.fwdgrad.estimator import BATCHING, forward_grad, value_and_forward_grad
 from jaxopt_suite.fwdgrad.local import Block, chain_blocks, value_and_local_grad
 from jaxopt_suite.fwdgrad.transform import ForwardGradientState, forward_gradient
+from jaxopt_suite.fwdgrad.zeroth_order import (
+    SPSAGradientState,
+    spsa_grad,
+    spsa_gradient,
+    value_and_spsa_grad,
+)
 
 __all__ = [
     "ACTIVITY_KINDS",
@@ -53,13 +61,17 @@ __all__ = [
     "Block",
     "ForwardGradientState",
     "RankOne",
+    "SPSAGradientState",
     "activity_grad",
     "chain_blocks",
     "forward_grad",
     "forward_gradient",
     "rademacher",
     "random_direction",
+    "spsa_grad",
+    "spsa_gradient",
     "value_and_activity_grad",
     "value_and_forward_grad",
     "value_and_local_grad",
+    "value_and_spsa_grad",
 ]
