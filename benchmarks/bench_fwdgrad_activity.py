@@ -77,10 +77,15 @@ def _methods(args):
             args.lr_weight,
             weight,
         ),
-        "activity fwd SGD": (mlp, train.activity_gradient(), args.lr_activity, None),
+        "activity fwd SGD": (
+            mlp,
+            train.activity_gradient(args.k_activity, args.distribution),
+            args.lr_activity,
+            None,
+        ),
         "local losses fwd SGD": (
             local,
-            train.local_gradient(BLOCKS),
+            train.local_gradient(BLOCKS, args.k_local, args.distribution),
             args.lr_local,
             None,
         ),
@@ -161,7 +166,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--lr-backprop", type=float, default=0.05)
     parser.add_argument("--lr-weight", type=float, default=1e-4)
     parser.add_argument("--lr-activity", type=float, default=1e-3)
-    parser.add_argument("--lr-local", type=float, default=1e-3)
+    parser.add_argument("--lr-local", type=float, default=5e-3)
+    parser.add_argument(
+        "--distribution", default="rademacher", choices=["rademacher", "normal"], help="tangents"
+    )
+    parser.add_argument("--k-activity", type=int, default=1, help="tangents per sample")
+    parser.add_argument("--k-local", type=int, default=16, help="tangents per sample and block")
     parser.add_argument(
         "--runs",
         nargs="+",
