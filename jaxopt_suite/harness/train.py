@@ -380,3 +380,73 @@ def fit(
         skipped=int(state.skipped),
     )
     return state, history
+
+
+# The per-sample form of each loss a Problem can name (its mean is PROBLEM_LOSSES' loss), for
+# the estimators that need every sample's loss separately.
+PER_SAMPLE_LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "cross_entropy": optax.softmax_cross_entropy_with_integer_labels,
+}
+
+
+def _per_sample_loss(problem: Problem) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    if problem.loss not in PER_SAMPLE_LOSSES:
+        raise ValueError(
+            f"Problem.loss must be one of {sorted(PER_SAMPLE_LOSSES)}; got {problem.loss!r}"
+        )
+    return PER_SAMPLE_LOSSES[problem.loss]
+
+
+def activity_gradient(num_directions: int = 1, distribution: str = "normal") -> GradientFn:
+    """A :data:`GradientFn` whose direction is the activity-perturbed forward gradient of the
+    loss (:func:`jaxopt_suite.fwdgrad.value_and_activity_grad`): forward mode only, for any
+    optax transformation; passes the loss as ``value=``.
+
+    Example::
+
+        >>> import jax, optax
+        >>> from jaxopt_suite.harness import data, train, zoo
+        >>> model = zoo.MLP(hidden=(16,))
+        >>> problem = train.Problem(lambda p, x: model.apply({"params": p}, x))
+        >>> tx = optax.sgd(0.1)
+        >>> step = train.jit_step(train.make_step(problem, tx, train.activity_gradient()))
+        >>> state = train.init_state(zoo.init_params(model, jax.random.key(0)), tx,
+        ...                          jax.random.key(1))
+        >>> ds = data.synthetic(jax.random.key(2))
+        >>> state, loss = step(state, ds.train_images[:32], ds.train_labels[:32])
+        >>> int(state.step), bool(loss > 0)
+        (1, True)
+    """
+    from jaxopt_suite import fwdgrad
+
+    options = {"num_directions": num_directions, "distribution": distribution}
+    fwdgrad.value_and_activity_grad(lambda p, x: x, lambda o, y: o, **options)  # checks options
+
+    def gradient(problem: Problem, params: PyTree, batch: Batch, key: jax.Array):
+        estimate = fwdgrad.value_and_activity_grad(
+            problem.apply_fn, _per_sample_loss(problem), **options
+        )
+        value, grads = estimate(key, params, *batch)
+        return value, grads, {"value": value}
+
+    return gradient
+
+
+def local_gradient(
+    blocks: Any, num_directions: int = 1, distribution: str = "normal"
+) -> GradientFn:
+    """A :data:`GradientFn` that trains each of ``blocks`` with the activity forward gradient of
+    its own local loss (:func:`jaxopt_suite.fwdgrad.value_and_local_grad`); the problem's
+    ``apply_fn`` is ``fwdgrad.chain_blocks(blocks)`` and its parameters one entry per block.
+    The loss reported (and passed as ``value=``) is the last block's: the model's loss."""
+    from jaxopt_suite import fwdgrad
+
+    options = {"num_directions": num_directions, "distribution": distribution}
+    fwdgrad.value_and_local_grad(blocks, lambda o, y: o, **options)  # checks the arguments
+
+    def gradient(problem: Problem, params: PyTree, batch: Batch, key: jax.Array):
+        estimate = fwdgrad.value_and_local_grad(blocks, _per_sample_loss(problem), **options)
+        losses, grads = estimate(key, params, *batch)
+        return losses[-1], grads, {"value": losses[-1]}
+
+    return gradient
