@@ -8,13 +8,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxopt_suite.curvature import generic, hessian, rules
+from jaxopt_suite.curvature import hessian, rules
 from jaxopt_suite.curvature.config import EngineConfig
 from jaxopt_suite.curvature.rules.base import wide
 
 
-def generic_hessian(apply_fn, treedef, loss_obj, c, params, inputs, targets, stats, chunk_size):
-    """Exact Hessian diagonals by one-hot HVPs (:func:`hessian.generic_diagonal`)."""
+def generic_hessian(
+    apply_fn, treedef, loss_obj, c, params, inputs, targets, stats, chunk_size, config
+):
+    """Exact Hessian diagonals by one-hot HVPs (:func:`hessian.generic_diagonal`), with
+    ``config.residual_chunk`` tangents at once and ``config.memory_budget_bytes`` checked."""
 
     def per_sample_loss(p, x, y):
         return c * loss_obj.per_sample(apply_fn(p, x), y)[0]
@@ -22,7 +25,14 @@ def generic_hessian(apply_fn, treedef, loss_obj, c, params, inputs, targets, sta
     out = {}
     for s in stats:
         tree = hessian.generic_diagonal(
-            per_sample_loss, params, inputs, targets, s == "individual_sum_sq", chunk_size
+            per_sample_loss,
+            params,
+            inputs,
+            targets,
+            s == "individual_sum_sq",
+            chunk_size,
+            config.residual_chunk,
+            config.memory_budget_bytes,
         )
         out[s] = jax.tree.leaves(tree)
     return out
@@ -148,9 +158,31 @@ class Residual:
         acc, _ = jax.lax.scan(body, init, ks)
         return {i: a for (i, _), a in zip(order, acc, strict=True)}
 
+    def _column_at(self, k, n):
+        """Column k of sample n: the cotangents of every site's operands, concatenated in the
+        order of :meth:`_generic`'s ``apply_sites`` (D,), and its sign."""
+        parts = [[None] * t.operands for t in self.sites]
+        sign = 0.0
+        for s, offset, units, lam, weights in self.blocks:
+            local = k - offset
+            inside = ((local >= 0) & (local < units)).astype(lam.dtype)
+            j = jnp.clip(local, 0, units - 1)
+            onehot = jax.nn.one_hot(j, units, dtype=lam.dtype) * inside
+            scale = jnp.sqrt(jnp.abs(lam[n, j]))
+            for o, w in enumerate(weights):
+                part = (w[n, j] * scale) * onehot
+                parts[s][o] = part if parts[s][o] is None else parts[s][o] + part
+            sign = sign + inside * jnp.sign(lam[n, j])
+        return jnp.concatenate([c for ops in parts for c in ops]), sign
+
     def _generic(self, stats, free, leaves, apply_fn, treedef, chunk, out):
-        """Free leaves: the same columns through :func:`generic.statistics`, with the model
-        re-interpreted on one sample and every site's operands as its output."""
+        r"""Free leaves: the same columns through per-sample VJPs, with the model
+        re-interpreted on one sample and every site's operands as its output.
+
+        For sample n, :math:`\sum_k \operatorname{sign}_{k,n} (J_n^\top c_{k,n})^{\odot 2}`
+        over the columns :math:`c_{k,n}`, ``config.residual_chunk`` columns at a time (a
+        ``lax.scan``) for ``chunk`` samples at a time (``lax.map``): the memory of that many
+        VJPs of one sample, never all columns at once."""
         single = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype), self.inputs
         )
@@ -176,15 +208,50 @@ class Residual:
             operands = inst.run(site_zeros, full, x)[1]
             return jnp.concatenate([o.reshape(1, -1) for ops in operands for o in ops], axis=-1)
 
-        def column(k):
-            cots, sign = self._column(k)
-            return jnp.concatenate([c for ops in cots for c in ops], axis=-1), sign
-
-        cols, signs = jax.vmap(column)(jnp.arange(self.total))  # (K, N, D), (K, N)
         free_leaves = [leaves[j] for j in free]
-        for sign in (1.0, -1.0):
-            masked = cols * (signs * sign > 0)[..., None].astype(cols.dtype)
-            found = generic.statistics(apply_sites, free_leaves, self.inputs, masked, stats, chunk)
-            for st in stats:
-                for j, v in zip(free, found[st], strict=True):
-                    out[st][j] = out[st][j] + sign * v
+        width = min(self.config.residual_chunk, self.total)
+        ks = jnp.arange(-(-self.total // width) * width).reshape(-1, width)
+
+        def columns_of(x_n, n, ids):
+            """Sum over the columns ``ids`` of sign x squared gradient, per free leaf."""
+            sites_out, vjp = jax.vjp(
+                lambda ls: apply_sites(ls, jax.tree.map(lambda a: a[None], x_n)), free_leaves
+            )
+            cols, signs = jax.vmap(lambda k: self._column_at(k, n))(ids)  # (B, D), (B,)
+            grads = jax.vmap(lambda col: vjp(col[None].astype(sites_out.dtype))[0])(cols)
+            return [jnp.tensordot(signs, wide(g) ** 2, axes=1) for g in grads]
+
+        def one(x_n, n):
+            zeros = [
+                jnp.zeros(leaf.shape, jnp.promote_types(leaf.dtype, jnp.float32))
+                for leaf in free_leaves
+            ]
+            body = lambda acc, ids: (
+                [a + b for a, b in zip(acc, columns_of(x_n, n, ids), strict=True)],
+                None,
+            )
+            return jax.lax.scan(body, zeros, ks)[0]
+
+        n = self.outputs.shape[0]
+        batch = n if chunk is None else min(chunk, n)
+        step = jax.vmap(columns_of, in_axes=(0, 0, None))
+        hessian.check_budget(
+            step,
+            (
+                jax.tree.map(
+                    lambda a: jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype), self.inputs
+                ),
+                jax.ShapeDtypeStruct((batch,), jnp.int32),
+                jax.ShapeDtypeStruct((width,), jnp.int32),
+            ),
+            self.config.memory_budget_bytes,
+            f"the residual of the leaves no rule covers ({self.total} columns x {n} samples, "
+            f"{batch} samples x {width} columns at once)",
+        )
+        per_sample = jax.lax.map(
+            lambda xn: one(*xn), (self.inputs, jnp.arange(n)), batch_size=batch
+        )
+        for st in stats:
+            for j, v in zip(free, per_sample, strict=True):
+                value = v if st == "individual_sum_sq" else jnp.sum(v, axis=0)
+                out[st][j] = out[st][j] + value
