@@ -71,13 +71,25 @@ def test_scalar_and_one_element_leaves(shape):
     check(apply, params, x, y, chunk_size=3, config=curvature.EngineConfig(residual_chunk=5))
 
 
-def test_residual_of_uncovered_leaves_in_chunks():
-    apply, params, x, y = setup(GroupNormCNN(), (3, 3, 1), 3)
-    kinds = curvature.coverage(apply, params, x)
-    assert kinds["GroupNorm_0"] == {"scale": "generic", "bias": "generic"}
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(jnp.tanh(nn.Dense(8)(x)))
+
+
+@pytest.mark.parametrize(
+    "model, x_shape, structured",
+    [(GroupNormCNN(), (3, 3, 1), True), (MLP(), (2,), False)],
+    # GroupNorm: 8 free parameters, 150 residual columns per sample (one JVP per parameter);
+    # the MLP on the generic path: 51 free parameters, 8 columns (one VJP per column)
+    ids=["forward", "reverse"],
+)
+def test_residual_of_uncovered_leaves_in_chunks(model, x_shape, structured):
+    apply, params, x, y = setup(model, x_shape, 3)
     assert hessian.instrument(apply, (True, False), params, x).sites
-    # 2 samples and 7 columns at a time: neither divides the batch or the column count
-    check(apply, params, x, y, chunk_size=2, config=curvature.EngineConfig(residual_chunk=7))
+    # 2 samples and 5 products at a time: neither divides the batch or the product count
+    config = curvature.EngineConfig(residual_chunk=5)
+    check(apply, params, x, y, chunk_size=2, config=config, structured=structured)
 
 
 def temp_bytes(apply, params, x, y, chunk_size):
