@@ -78,7 +78,7 @@ def main() -> None:
         "parameters": sum(a.size for a in jax.tree.leaves(params)),
         "batch": args.batch,
         "input": [args.size, args.size, 1],
-        "load": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "load": _uptime(),
         "runs": {},
     }
     fns = {"jax.value_and_grad": (jax.jit(lambda p: jax.value_and_grad(loss)(p)), (params,))}
@@ -104,11 +104,16 @@ def main() -> None:
             run = part["runs"].setdefault(name, {"memory": t.memory})
             run.update(median_s=t.median, ratio=t.ratio, samples_s=t.samples.tolist())
             print(name, f"{t.median:.3f} s", f"x{t.ratio:.1f}", flush=True)
+        part["load_during"] = f"load after the timing: `{_uptime()}`"
     path = RESULTS / "diag_h_memory.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data[args.label] = part
     path.write_text(json.dumps(data, indent=1) + "\n")
     (RESULTS / "diag_h_memory.md").write_text(_markdown(data))
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def _markdown(data: dict) -> str:
@@ -119,6 +124,9 @@ def _markdown(data: dict) -> str:
         "`memory_analysis()` (temp: scratch on top of arguments and outputs); time: median",
         "seconds per call, interleaved with the plain `jax.value_and_grad` (ratio to it), after",
         "compilation; runs whose compiled total exceeds `--max-gb` are compiled, not run.",
+        "`chunk_size` bounds the per-sample paths (GroupNorm's scale and bias here); what",
+        "remains after the fix is the residual of the Conv and Dense layers, backpropagated",
+        "`EngineConfig.residual_chunk` columns of the whole batch at a time.",
         "",
     ]
     for label, part in data.items():
@@ -127,6 +135,7 @@ def _markdown(data: dict) -> str:
             "",
             f"{part['parameters']} parameters, batch {part['batch']}, input "
             f"{'x'.join(map(str, part['input']))}; load: `{part['load']}`",
+            *([f"({part['load_during']})"] if "load_during" in part else []),
             "",
             "| run | temp (GB) | total (GB) | compile (s) | time (s) | ratio |",
             "|---|---|---|---|---|---|",
