@@ -35,7 +35,14 @@ class EngineConfig:
       sample_chunk_bytes: per-sample Conv kernel gradients are formed and reduced for this many
         bytes of samples at a time.
       residual_chunk: residual (activation-curvature) columns of ``diag_h`` backpropagated
-        together (``vmap``) per step of the scan over them.
+        together (``vmap``) per step of the scan over them, and the one-hot tangents per step
+        of its exact fallback (:func:`~jaxopt_suite.curvature.hessian.generic_diagonal`).
+      memory_budget_bytes: the most bytes one step of an exact ``diag_h`` fallback (the
+        one-hot Hessian-vector products of a model the residual mechanism can't take, the
+        residual of leaves no rule covers) may be estimated to need
+        (:func:`~jaxopt_suite.curvature.hessian.peak_bytes` of the step's jaxpr); a larger
+        step raises ``MemoryError`` at trace time, before anything is compiled. None: no
+        check. Default 4 GiB.
       banded_conv_cotangent: 2-D stride-1 convolutions backpropagate the input cotangent
         through the banded formulation of :mod:`~jaxopt_suite.curvature.fastgrad` inside the
         engine's reverse pass; False keeps the transposed convolution.
@@ -53,6 +60,7 @@ class EngineConfig:
     residual_chunk: int = 32
     banded_conv_cotangent: bool = True
     kinds: tuple[str, ...] | None = None
+    memory_budget_bytes: int | None = 4 << 30
 
     def __post_init__(self) -> None:
         for name in ("unroll_columns", "per_sample_product", "sample_chunk_bytes"):
@@ -68,6 +76,13 @@ class EngineConfig:
         ):
             raise ValueError(
                 f"column_groups must be a positive integer or None; got {self.column_groups!r}"
+            )
+        if self.memory_budget_bytes is not None and (
+            not isinstance(self.memory_budget_bytes, int) or self.memory_budget_bytes < 1
+        ):
+            raise ValueError(
+                "memory_budget_bytes must be a positive integer or None; got "
+                f"{self.memory_budget_bytes!r}"
             )
         if self.kinds is not None:
             object.__setattr__(self, "kinds", tuple(self.kinds))

@@ -476,6 +476,7 @@ def _source_statistics(
             state.targets,
             stats,
             spec.chunk_size,
+            spec.config,
         )
     if source == "batch_average":
         return kfra.statistics(

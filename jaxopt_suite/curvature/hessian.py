@@ -29,10 +29,15 @@ cost nothing, so a ReLU network's ``diag_h`` costs its ``diag_ggn_exact``.
 The nodes are found by interpreting the jaxpr of the model (:func:`instrument`); nested
 ``jit``, ``custom_jvp`` and ``custom_vjp`` calls are inlined (their primal computation is
 differentiated). A dependent node the mechanism can't express exactly (a product of two
-parameter-dependent matrices such as attention scores, loops, unknown primitives) raises
-:class:`Unsupported`, and the engine falls back to :func:`generic_diagonal`: exact per-sample
-Hessian diagonals from Hessian-vector products with one-hot tangents (cost: one HVP per
-parameter and sample; for small models).
+parameter-dependent matrices such as attention scores, loops, unknown primitives), or a node
+that is not one value per sample along the batch axis (a function of the parameters alone, such
+as ``exp(s)`` of a scalar leaf scaling the outputs), raises :class:`Unsupported`, and the
+engine falls back to :func:`generic_diagonal`: exact per-sample Hessian diagonals from
+Hessian-vector products with one-hot tangents (cost: one HVP per parameter and sample; for
+small models). The exact fallbacks run in steps of a fixed number of samples and tangents (or
+columns), so their memory does not grow with the parameters or the batch; a step estimated
+(:func:`peak_bytes`) to need more than ``EngineConfig.memory_budget_bytes`` raises
+``MemoryError`` before anything is compiled (:func:`check_budget`).
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ CALLS = {
     "custom_vjp_call_jaxpr", "remat", "checkpoint",
 }  # fmt: skip
 _NO_DERIVATIVE = {"stop_gradient", "iota", "random_bits", "random_seed", "random_wrap"}
+# Marks, in a value's dependency set, that it depends on the data (a non-parameter argument).
+_DATA = -1
 
 
 class Unsupported(Exception):
@@ -92,8 +99,9 @@ class Site(NamedTuple):
 
 
 class _Context:
-    def __init__(self, perturbations: Sequence[jax.Array] | None):
+    def __init__(self, perturbations: Sequence[jax.Array] | None, batch: int | None):
         self.perturbations = perturbations
+        self.batch = batch
         self.sites: list[Site] = []
         self.operands: list[tuple[jax.Array, ...]] = []
         self.hessians: list[tuple[jax.Array, ...]] = []
@@ -139,15 +147,17 @@ def _apply(eqn: core.JaxprEqn, vals: list, deps: list[frozenset], ctx: _Context)
         return [o for o, _ in outs], [d for _, d in outs]
     out = eqn.primitive.bind(*vals, **params)
     outs = out if eqn.primitive.multiple_results else [out]
-    union = frozenset().union(*deps) if name not in _NO_DERIVATIVE else frozenset()
-    out_deps = [union if _is_float(o) else frozenset() for o in outs]
-    if not any(out_deps):  # no parameter dependence, or a boolean / integer result
-        return outs, out_deps
-    which = [i for i, d in enumerate(deps) if d]
+    data = frozenset({_DATA}) if any(_DATA in d for d in deps) else frozenset()
+    leaves = [d - {_DATA} for d in deps]
+    union = frozenset().union(*leaves) if name not in _NO_DERIVATIVE else frozenset()
+    out_deps = [(union if _is_float(o) else frozenset()) | data for o in outs]
+    if not union or not any(_is_float(o) for o in outs):
+        return outs, out_deps  # no parameter dependence, or a boolean / integer result
+    which = [i for i, d in enumerate(leaves) if d]
     # A product of operands that depend on disjoint sets of leaves has no second derivative in
     # any single parameter (its only curvature is between the two sets): nothing on the
     # diagonal, e.g. a Dense layer's x W, or LayerNorm's scale times its normalised input.
-    disjoint = len(which) == 2 and not deps[which[0]] & deps[which[1]]
+    disjoint = len(which) == 2 and not leaves[which[0]] & leaves[which[1]]
     linear = (
         name in _LINEAR
         or name in _PIECEWISE
@@ -164,6 +174,12 @@ def _apply(eqn: core.JaxprEqn, vals: list, deps: list[frozenset], ctx: _Context)
     # Operands with size-1 axes (a parameter broadcast over the batch, e.g. LayerNorm's scale)
     # enter the site broadcast to the output's shape; their cotangents sum back through it.
     shape = tuple(outs[0].shape)
+    # The columns of a site are per sample: its value must be one per sample along axis 0. A
+    # node of the parameters alone (e.g. exp(scalar) scaling the outputs) is not.
+    if not data or not shape or shape[0] != ctx.batch:
+        raise Unsupported(
+            f"the primitive {name!r} on a value of shape {shape} that is not one per sample"
+        )
     for i in which:
         own = tuple(vals[i].shape)
         if len(own) != len(shape) or any(a not in (b, 1) for a, b in zip(own, shape, strict=True)):
@@ -217,7 +233,8 @@ def instrument(fn: Callable, dependent: Sequence[bool], *example: Any) -> Instru
     Args:
       fn: the function to interpret.
       dependent: per positional argument, whether it counts as a parameter (a source of
-        residual terms) or as data.
+        residual terms) or as data (its leaves' leading axis is the batch axis N; every site
+        must depend on the data and have N along its axis 0).
       *example: arguments (arrays or ShapeDtypeStructs) fixing the shapes.
 
     Returns:
@@ -229,17 +246,20 @@ def instrument(fn: Callable, dependent: Sequence[bool], *example: Any) -> Instru
       Unsupported: a node the mechanism can't handle exactly.
     """
     flat_example, in_tree = jax.tree.flatten(example)
-    flags: list[frozenset] = []  # the leaves each flat argument depends on: itself, or none
+    flags: list[frozenset] = []  # the leaves each flat argument depends on: itself, or data
+    batch = None
     for arg, d in zip(example, dependent, strict=True):
-        for _ in jax.tree.leaves(arg):
-            flags.append(frozenset({len(flags)}) if d else frozenset())
+        for leaf in jax.tree.leaves(arg):
+            flags.append(frozenset({len(flags)}) if d else frozenset({_DATA}))
+            if not d and batch is None and jnp.ndim(leaf):
+                batch = jnp.shape(leaf)[0]
 
     def flat_fn(*flat):
         return fn(*jax.tree.unflatten(in_tree, flat))
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*flat_example)
     out_tree = jax.tree.structure(out_shape)
-    probe = _Context(None)
+    probe = _Context(None, batch)
     jax.eval_shape(
         lambda *flat: [o for o, _ in _eval(closed.jaxpr, closed.consts, flat, flags, probe)],
         *flat_example,
@@ -247,7 +267,7 @@ def instrument(fn: Callable, dependent: Sequence[bool], *example: Any) -> Instru
     sites = probe.sites
 
     def run(perturbations, *args):
-        ctx = _Context(perturbations)
+        ctx = _Context(perturbations, batch)
         outs = _eval(closed.jaxpr, closed.consts, jax.tree.leaves(args), flags, ctx)
         return jax.tree.unflatten(out_tree, [o for o, _ in outs]), ctx.operands, ctx.hessians
 
@@ -274,6 +294,67 @@ def directions(
     return [(first, (cos, sin)), (second, (-sin, cos))]
 
 
+def _nbytes(aval: Any) -> int:
+    shape = getattr(aval, "shape", None)
+    if shape is None:
+        return 0
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+
+
+def _inner_jaxprs(params: dict):
+    for value in params.values():
+        for v in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(v, core.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, core.Jaxpr):
+                yield v
+
+
+def _vars(atoms) -> list:
+    return [v for v in atoms if not isinstance(v, core.Literal)]
+
+
+def peak_bytes(jaxpr: core.Jaxpr) -> int:
+    """The most bytes live at once while ``jaxpr`` runs its equations in order, each value
+    freed after its last use (arguments and constants live throughout), plus the peak of a
+    nested jaxpr (a call's, a loop's body) at its equation: an estimate of the memory of a
+    program without XLA's fusion and buffer reuse, which only lower it."""
+    last: dict = {}
+    for k, eqn in enumerate(jaxpr.eqns):
+        for v in _vars(eqn.invars):
+            last[v] = k
+    for v in _vars(jaxpr.outvars):
+        last[v] = len(jaxpr.eqns)
+    held = set(jaxpr.invars) | set(jaxpr.constvars)
+    live = sum(_nbytes(v.aval) for v in held)
+    peak = live
+    for k, eqn in enumerate(jaxpr.eqns):
+        inner = max((peak_bytes(j) for j in _inner_jaxprs(eqn.params)), default=0)
+        outs = [v for v in eqn.outvars if not isinstance(v, core.DropVar)]
+        peak = max(peak, live + inner + sum(_nbytes(v.aval) for v in outs))
+        live += sum(_nbytes(v.aval) for v in outs if last.get(v, -1) > k)
+        live -= sum(_nbytes(v.aval) for v in set(_vars(eqn.invars)) - held if last[v] == k)
+    return peak
+
+
+def check_budget(fn: Callable, args: Sequence, budget: int | None, what: str) -> None:
+    """Raises :class:`MemoryError` before anything is compiled when one step ``fn(*args)`` of
+    an exact ``diag_h`` fallback is estimated (:func:`peak_bytes` of its jaxpr) to need more
+    than ``budget`` bytes; None: no check."""
+    if budget is None:
+        return
+    estimate = peak_bytes(jax.make_jaxpr(fn)(*args).jaxpr)
+    if estimate > budget:
+        raise MemoryError(
+            f"diag_h: {what} would need about {estimate / 2**30:.2f} GiB per step, over "
+            f"EngineConfig.memory_budget_bytes = {budget / 2**30:.2f} GiB. Lower chunk_size "
+            "(samples at once) or EngineConfig.residual_chunk (columns or tangents at once), "
+            "raise memory_budget_bytes (None: no check), or ask for an estimate instead: "
+            "curvature.products.hutchinson_diagonal (unbiased, with Hessian-vector products) "
+            "or diag_ggn_exact / diag_ggn_mc (the Gauss-Newton part of the Hessian)"
+        )
+
+
 def generic_diagonal(
     per_sample_loss: Callable[[Any, Any, Any], jax.Array],
     params: Any,
@@ -281,12 +362,17 @@ def generic_diagonal(
     targets: Any,
     per_sample: bool,
     chunk_size: int | None = None,
+    tangents: int = 32,
+    budget: int | None = None,
 ) -> Any:
     r"""Exact Hessian diagonals by Hessian-vector products with one-hot tangents.
 
     :math:`[\nabla^2 h_n]_{ii} = e_i^\top \nabla^2 h_n\, e_i` for every parameter i and sample n,
     with :math:`h_n` = ``per_sample_loss(params, x_n, y_n)`` (the scaled loss term of one
     sample). Costs one forward-over-reverse product per parameter and sample: for small models.
+    Each step of a loop takes ``chunk_size`` samples and ``tangents`` one-hot tangents at once
+    (``vmap``), so the memory is that of ``chunk_size * tangents`` products, whatever the
+    number of parameters and samples.
 
     Args:
       per_sample_loss: ``(params, x, y) -> scalar`` for a batch of one.
@@ -294,25 +380,49 @@ def generic_diagonal(
       inputs, targets: the batch (leading axis N).
       per_sample: return ``(N, *leaf)`` per leaf (``diag_h_batch``) or the sum (``diag_h``).
       chunk_size: samples processed at once (None: all).
+      tangents: one-hot tangents processed at once.
+      budget: bytes one step may be estimated to need (:func:`check_budget`); None: no check.
 
     Returns:
       A pytree like ``params``.
+
+    Raises:
+      MemoryError: one step is estimated to need more than ``budget``.
     """
     flat, unravel = ravel_pytree(params)
     size = flat.shape[0]
+    width = min(size, tangents)
+    steps = -(-size // width)
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    batch = n if chunk_size is None else min(chunk_size, n)
 
-    def one(x_n, y_n):
+    def entries(x_n, y_n, ids):
+        """The diagonal entries ``ids`` (width,) of one sample's Hessian (past the end: 0)."""
         single = jax.tree.map(lambda a: a[None], (x_n, y_n))
         grad = jax.grad(lambda v: per_sample_loss(unravel(v), *single))
 
         def entry(i):
             e = jax.nn.one_hot(i, size, dtype=flat.dtype)
-            return jax.jvp(grad, (flat,), (e,))[1][i]
+            return jnp.vdot(e, jax.jvp(grad, (flat,), (e,))[1])
 
-        return jax.lax.map(entry, jnp.arange(size), batch_size=min(size, 64))
+        return jax.vmap(entry)(ids)
 
-    n = jax.tree.leaves(inputs)[0].shape[0]
-    batch = None if chunk_size is None or chunk_size >= n else chunk_size
+    step = jax.vmap(entries, in_axes=(0, 0, None))
+    example = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype), (inputs, targets)
+    )
+    check_budget(
+        step,
+        (*example, jax.ShapeDtypeStruct((width,), jnp.int32)),
+        budget,
+        f"the exact fallback (one-hot Hessian-vector products: {size} parameters x {n} samples, "
+        f"{batch} samples x {width} tangents at once)",
+    )
+    ids = jnp.arange(steps * width).reshape(steps, width)
+
+    def one(x_n, y_n):
+        return jax.lax.map(lambda i: entries(x_n, y_n, i), ids).reshape(-1)[:size]
+
     diag = jax.lax.map(lambda xy: one(*xy), (inputs, targets), batch_size=batch)
     if per_sample:
         return jax.vmap(unravel)(diag)

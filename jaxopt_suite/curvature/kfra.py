@@ -1,15 +1,30 @@
-r"""KFRA: the Kronecker factor G of each Dense layer from the batch-averaged Hessian.
+r"""KFRA: the Kronecker factor G of each Dense and Conv layer from the batch-averaged Hessian.
 
-KFRA replaces KFLR's G by the batch-averaged Hessian backpropagated through the model: at the
-output :math:`\bar H = \sum_n c\, \nabla_f^2 \ell_n`, then, between consecutive Dense layers,
-:math:`\bar H_l = \frac1N \sum_n J_n^\top \bar H_{l+1} J_n` with :math:`J_n` the per-sample
-Jacobian from layer l's output to layer l+1's output; for elementwise activations
-:math:`J_n = W^\top \operatorname{diag}(\phi'(z_{n}))`, BackPACK's recursion. A is KFLR's
-(the rule's :meth:`~jaxopt_suite.curvature.rules.base.LayerRule.kfra_input_factor`).
+KFRA replaces KFLR's G by the batch-averaged Hessian backpropagated through the model, as
+BackPACK computes it: at the output :math:`\bar H = \sum_n c\, \nabla_f^2 \ell_n`; at the
+output :math:`z_l` of link l (a Dense or Conv layer; one sample's output flattened row-major,
+:math:`d_l` entries), with :math:`T_{l+1}` the next link's input (or the model's output) and
+:math:`J_n = \partial T_{l+1} / \partial z_{l,n}` per sample,
+
+.. math:: \bar H_l = \frac1N \sum_n J_n^\top \big(L_{l+1}^\top \bar H_{l+1} L_{l+1}\big) J_n,
+
+where :math:`L_{l+1}` is the next link's Jacobian in its input (the same for every sample; the
+rule's :meth:`~jaxopt_suite.curvature.rules.base.LayerRule.kfra_backpropagate`: Dense
+:math:`W \bar H W^\top`, Conv through its unfolded patches) and :math:`J_n` the map in between:
+for elementwise maps and flattening :math:`\operatorname{diag}(\phi'(z_n))`, otherwise (e.g.
+max-pooling) the full per-sample Jacobian by forward mode (:math:`d_l` products). G of a Dense
+layer is :math:`\bar H_l`; of a Conv layer :math:`\bar H_l` summed over both position indices,
+:math:`G_{oo'} = \sum_{q,q'} (\bar H_l)_{(q,o),(q',o')}` (BackPACK's convolution factor, the
+bias's too). A is KFLR's (the rule's
+:meth:`~jaxopt_suite.curvature.rules.base.LayerRule.kfra_input_factor`; Conv:
+:math:`\frac1N \sum_{n,q} p_{n,q} p_{n,q}^\top` over the unfolded patches). :math:`\bar H_l` is
+a dense :math:`d_l \times d_l` matrix, as in BackPACK: KFRA on convolutions is for small
+feature maps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -112,7 +127,7 @@ def _dependencies(
                 if not isinstance(v, core.Literal) and read(v)
                 for o in eqn.outvars
             )
-            ok = same and eqn.primitive.name in _ELEMENTWISE
+            ok = (same and eqn.primitive.name in _ELEMENTWISE) or _flattening(eqn)
             for d in ins:
                 for source, elementwise in d.items():
                     merged[source] = merged.get(source, True) and elementwise and ok
@@ -123,11 +138,21 @@ def _dependencies(
     return [read(v) for v in jaxpr.outvars]
 
 
+def _flattening(eqn: core.JaxprEqn) -> bool:
+    """A reshape that keeps the batch axis (e.g. flattening (N, H, W, C) to (N, H·W·C)): the
+    identity on each sample's entries in row-major order."""
+    if eqn.primitive.name != "reshape" or eqn.params.get("dimensions") is not None:
+        return False
+    (x,), (y,) = eqn.invars, eqn.outvars
+    return bool(x.aval.shape) and bool(y.aval.shape) and x.aval.shape[0] == y.aval.shape[0]
+
+
 def _kfra_error(reason: str) -> ValueError:
     return ValueError(
-        "kfra needs the recognised Dense layers to form a chain on (N, features) inputs: "
-        "each layer's output may reach the loss only through the next layer's input (any "
-        f"per-sample function in between, e.g. activations); {reason}. Use kflr or kfac."
+        "kfra needs the recognised Dense layers (on (N, features) inputs) and Conv layers (one "
+        "feature group) to form a chain with (N, D) outputs: each layer's output may reach "
+        "the loss only through the next layer's input (any per-sample function in between, "
+        f"e.g. activations, pooling, flattening); {reason}. Use kflr or kfac."
     )
 
 
@@ -138,7 +163,7 @@ def kfra(
     leaves: Sequence[jax.Array],
     output_hessian: jax.Array,
 ) -> dict[int, jax.Array]:
-    r"""KFRA's G per Dense layer (by call index): the backpropagated batch-averaged Hessian.
+    r"""KFRA's G per link (by call index), from the backpropagated batch-averaged Hessian.
 
     Args:
       forward: ``perturbations -> (outputs, layer inputs by call index)``, the engine's forward.
@@ -148,11 +173,11 @@ def kfra(
       output_hessian: :math:`\sum_n c \nabla_f^2 \ell_n`, (D, D) for outputs (N, D).
 
     Returns:
-      call index -> G (out, out), in float32 at least.
+      call index -> G (out, out) (output features or channels), in float32 at least.
 
     Raises:
-      ValueError: a layer its rule doesn't support (a Dense layer on 2-D inputs is), or layers
-        that don't form a chain.
+      ValueError: a layer its rule doesn't support (a Dense layer on 2-D inputs and an
+        ungrouped Conv layer are), or layers that don't form a chain.
     """
     for c in calls.values():
         if not rules.get_rule(c.kind).kfra_supported(c):
@@ -168,9 +193,6 @@ def kfra(
     outputs_shape, inputs_shape = out_shape
     if len(outputs_shape.shape) != 2:
         raise _kfra_error(f"the model's outputs have shape {outputs_shape.shape}, not (N, D)")
-    for i in order:
-        if len(inputs_shape[i].shape) != 2:
-            raise _kfra_error(f"layer call {i} has inputs of shape {inputs_shape[i].shape}")
     # Cut the graph at every layer input x_i (outputs 1...) and output z_i (the sum with the
     # perturbation): each becomes a source of its own, and the chain condition reads: x_i
     # reaches only z_i, z_i only x_(next) (the last one only the outputs).
@@ -215,10 +237,10 @@ def kfra(
         )
 
     def jacobians(i):
-        """d(target of layer i)/d(output of layer i) per sample: (N, out_i) diagonal if the
-        path is elementwise, else (N, target_dim, out_i). Forward mode in layer i's output
-        alone: the other layers' tangents are symbolic zeros (a linearisation in every
-        perturbation multiplied zero tangents by the kernels after layer i)."""
+        """d(target of layer i)/d(output of layer i) per sample, both flattened: (N, d_i)
+        diagonal if the path is elementwise, else (N, target_dim, d_i). Forward mode in layer
+        i's output alone: the other layers' tangents are symbolic zeros (a linearisation in
+        every perturbation multiplied zero tangents by the kernels after layer i)."""
         target = targets[i]
         pick = (lambda r: r[0]) if target == "outputs" else (lambda r: r[1][target])
         own = flat[index_of[i]]
@@ -228,31 +250,35 @@ def kfra(
             full[index_of[i]] = p_i
             return pick(flat_forward(*full))
 
+        shape = perturbations[i].shape
+        n, d = shape[0], math.prod(shape[1:])
+
         def push(t):
-            return jax.jvp(from_output, (own,), (t,))[1]
+            return jax.jvp(from_output, (own,), (t,))[1].reshape(n, -1)
 
-        n, d = perturbations[i].shape
         if elementwise[i]:
-            return True, push(jnp.ones((n, d), own.dtype))
+            return True, push(jnp.ones(shape, own.dtype))
         eye = jnp.eye(d, dtype=own.dtype)
-        cols = jax.vmap(lambda e: push(jnp.broadcast_to(e, (n, d))))(eye)  # (d, N, target)
-        return False, jnp.moveaxis(cols, 0, -1)
+        cols = jax.vmap(lambda e: push(jnp.broadcast_to(e.reshape(shape[1:]), shape)))(eye)
+        return False, jnp.moveaxis(cols, 0, -1)  # (d, N, target) -> (N, target, d)
 
-    result = {}
+    hessians, result = {}, {}
     hess = output_hessian.astype(jnp.promote_types(output_hessian.dtype, jnp.float32))
     for pos in range(len(order) - 1, -1, -1):
         i = order[pos]
         if targets[i] == "outputs":
             mat = hess
         else:
-            kernel = leaves[calls[targets[i]].kernel]
-            kernel = kernel.astype(jnp.promote_types(kernel.dtype, jnp.float32))
-            mat = kernel @ result[targets[i]] @ kernel.T
+            after = calls[targets[i]]
+            mat = rules.get_rule(after.kind).kfra_backpropagate(
+                after, leaves[after.kernel], hessians[targets[i]], inputs_shape[targets[i]].shape
+            )
         diagonal, jac = jacobians(i)
         jac = jac.astype(mat.dtype)
         n = jac.shape[0]
         if diagonal:
-            result[i] = mat * symmetric_dot(jac / n, jac)
+            hessians[i] = mat * symmetric_dot(jac / n, jac)
         else:
-            result[i] = jnp.einsum("nai,ab,nbj->ij", jac, mat, jac) / n
+            hessians[i] = jnp.einsum("nai,ab,nbj->ij", jac, mat, jac) / n
+        result[i] = rules.get_rule(calls[i].kind).kfra_output_factor(calls[i], hessians[i])
     return result

@@ -28,7 +28,8 @@ own layout, where PyTorch's unfold is ``(C_in, *kernel)``),
 convolutions get ``None`` for the kernel (BackPACK raises).
 
 KFRA replaces G by the batch-averaged Hessian backpropagated through the model
-(:mod:`jaxopt_suite.curvature.kfra`).
+(:mod:`jaxopt_suite.curvature.kfra`; for a Conv layer summed over both position indices, as
+BackPACK).
 
 Leaves no rule covers: 1-D leaves get ``(B,)`` with B their exact GGN block
 :math:`\sum_{k,n} \hat g_{k,n} \hat g_{k,n}^\top` (``kfac``/``kflr``; the generic path, so the

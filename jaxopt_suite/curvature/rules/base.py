@@ -97,12 +97,27 @@ class LayerRule:
 
     def kfra_supported(self, call: LayerCall) -> bool:
         """Whether KFRA can take ``call`` as a link of its chain (a Dense layer on
-        (N, features) inputs)."""
+        (N, features) inputs, a Conv layer with one feature group)."""
         return False
 
     def kfra_input_factor(self, call: LayerCall, prepared: jax.Array) -> jax.Array:
         """KFRA's A of the kernel leaf (asked only where :meth:`kfra_supported`)."""
         raise NotImplementedError(f"the {self.kind!r} rule has no KFRA factor")
+
+    def kfra_backpropagate(
+        self, call: LayerCall, kernel: jax.Array, hessian: jax.Array, input_shape: tuple
+    ) -> jax.Array:
+        r"""KFRA's batch-averaged Hessian w.r.t. the layer's input from the one w.r.t. its
+        output (``hessian``, (d_out, d_out) over one sample's output flattened row-major):
+        :math:`J^\top \bar H J` with :math:`J` the Jacobian of the layer's output in its input
+        (the same for every sample: the layer is linear in its input); ``input_shape`` is
+        (N, ...) (asked only where :meth:`kfra_supported`)."""
+        raise NotImplementedError(f"the {self.kind!r} rule has no KFRA backpropagation")
+
+    def kfra_output_factor(self, call: LayerCall, hessian: jax.Array) -> jax.Array:
+        """KFRA's G of the layer's leaves from the batch-averaged Hessian w.r.t. its output
+        (d_out, d_out): ``hessian`` itself unless the rule says otherwise."""
+        return hessian
 
 
 def check_statistic(statistic: str) -> None:
@@ -139,6 +154,8 @@ _METHODS = (
     "summed_gradient",
     "kfra_supported",
     "kfra_input_factor",
+    "kfra_backpropagate",
+    "kfra_output_factor",
 )
 
 

@@ -30,7 +30,7 @@ from jaxopt_suite.curvature import kron, layers
 from jaxopt_suite.curvature.config import DEFAULT, EngineConfig
 from jaxopt_suite.curvature.layers import ConvConfig, LayerCall
 from jaxopt_suite.curvature.rules import linear
-from jaxopt_suite.curvature.rules.base import STATISTICS, Factors, LayerRule, widened
+from jaxopt_suite.curvature.rules.base import STATISTICS, Factors, LayerRule, wide, widened
 
 
 def conv_patches(x: jax.Array, config: ConvConfig, out_spatial: tuple[int, ...]) -> jax.Array:
@@ -307,7 +307,7 @@ class ConvRule(LayerRule):
         default=lax.conv_general_dilated,
         wrap=layers.Recorder.conv,
     )
-    kfra_link = True  # a link of the chain, which KFRA refuses (kfra_supported)
+    kfra_link = True
 
     def prepare(self, call: LayerCall, recorded: jax.Array) -> jax.Array:
         return prepare(call, recorded)
@@ -343,6 +343,34 @@ class ConvRule(LayerRule):
         ):
             return gradient
         return conv_kernel_gradient(prepared, delta, call.conv)
+
+    def kfra_supported(self, call: LayerCall) -> bool:
+        return call.conv.feature_group_count == 1
+
+    def kfra_input_factor(self, call: LayerCall, prepared: jax.Array) -> jax.Array:
+        r"""KFLR's A, :math:`\frac1N \sum_{n,q} p_{n,q} p_{n,q}^\top`."""
+        n = prepared.shape[0]
+        return kron.outer(wide(prepared).reshape(n, prepared.shape[1], -1)) / n
+
+    def kfra_backpropagate(self, call, kernel, hessian, input_shape) -> jax.Array:
+        r""":math:`J^\top \bar H J` with J the convolution's Jacobian on one sample,
+        (P·C_out, D_in), from the patches: :math:`z_{q,o} = \sum_{s,c} p_{q,s,c} W_{s,c,o}`."""
+        kernel = wide(kernel)
+        out_spatial = call.output.shape[1:-1]
+
+        def conv(x):
+            patches = conv_patches(x[None], call.conv, out_spatial)
+            return patches.reshape(-1, kernel[..., 0].size) @ kernel.reshape(-1, kernel.shape[-1])
+
+        x = jnp.zeros(input_shape[1:], kernel.dtype)
+        jac = jax.jacfwd(conv)(x).reshape(hessian.shape[0], -1)
+        return jac.T @ hessian @ jac
+
+    def kfra_output_factor(self, call: LayerCall, hessian: jax.Array) -> jax.Array:
+        r"""BackPACK's G of a convolution: the output Hessian summed over both position
+        indices, :math:`G_{oo'} = \sum_{q,q'} \bar H_{(q,o),(q',o')}`."""
+        c = call.output.shape[-1]
+        return hessian.reshape(-1, c, hessian.shape[0] // c, c).sum(axis=(0, 2))
 
 
 CONV = ConvRule()

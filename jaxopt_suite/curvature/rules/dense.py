@@ -115,5 +115,10 @@ class DenseRule(LayerRule):
         x = wide(prepared)
         return x.T @ x / x.shape[0]
 
+    def kfra_backpropagate(self, call, kernel, hessian, input_shape) -> jax.Array:
+        r""":math:`W \bar H W^\top` for the kernel W (in, out)."""
+        kernel = wide(kernel)
+        return kernel @ hessian @ kernel.T
+
 
 DENSE = DenseRule()
