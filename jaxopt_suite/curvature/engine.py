@@ -137,7 +137,8 @@ def value_and_grad(
         eigenvalues are clipped to 0).
       reduction: ``"mean"`` or ``"sum"``.
       quantities: names among :data:`~jaxopt_suite.curvature.QUANTITIES` (static).
-        ``kfra`` needs Dense layers in a chain on (N, features) inputs (ValueError otherwise).
+        ``kfra`` needs Dense layers (on (N, features) inputs) and ungrouped Conv layers in a
+        chain with (N, D) outputs (ValueError otherwise).
       mc_samples: Monte-Carlo samples M of the ``*_mc`` quantities.
       chunk_size: samples per chunk of the generic path (bounds its memory); None: all at once.
       structured: False forces the generic path for every parameter (for checking).
