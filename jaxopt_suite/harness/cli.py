@@ -36,10 +36,10 @@ DEFAULT_METHODS = (
     "sgd-momentum",
     "adam",
     "alig",
-    "sgd+linf1",
+    "sgd+l21-prune",
     "diag-ggn-mc",
     "fwdgrad",
-    "proxprop",
+    "proxprop-warmup",
 )
 
 

@@ -109,3 +109,24 @@ def test_output_file_and_empty_methods_are_errors(tmp_path, capsys):
     code = cli.main(["compare", "--output", str(tmp_path / "run"), "--methods", ""])
     assert code == 2
     assert "--methods must name at least one method" in capsys.readouterr().err
+
+
+def test_pruning_row_reports_live_units_and_the_shrunk_model(tmp_path):
+    """The demo's group-sparsity row: live units per layer, the parameter count of the model
+    that autosize.shrink leaves (checked against the MLP's formula) and its speed-up."""
+    rows = cli.compare(
+        dataset="synthetic",
+        model="mlp-small",
+        method_names=["sgd+l21-prune"],
+        steps=6,
+        batch_size=16,
+        output=tmp_path,
+        plots=False,
+        quiet=True,
+    )
+    row = rows[0]
+    live = int(row["live_units"].split("Dense_0 ")[1].split("/")[0])
+    assert row["live_units"].endswith("Dense_1 10/10")
+    full = 784 * 128 + 128 + 128 * 10 + 10
+    assert row["shrunk_params"] == f"{full:,} -> {784 * live + live + live * 10 + 10:,}"
+    assert float(row["shrunk_speedup"].rstrip("x")) > 0
