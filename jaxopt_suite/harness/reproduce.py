@@ -488,13 +488,12 @@ def alig_robustness(quick: bool) -> Report:
         name: [results[f"{name} lr {lr:g}"]["row"]["test_accuracy"] for lr in lrs]
         for name in SWEEP_FACTORIES
     }
-    best = max(max(a) for a in accuracy.values())
 
-    def within(name: str) -> str:
-        good = [f"{lr:g}" for lr, a in zip(lrs, accuracy[name], strict=True) if a >= best - 0.01]
+    def describe(name: str) -> str:
+        learned = sum(a >= 0.5 for a in accuracy[name])
         return (
-            f"{name}: best test acc {max(accuracy[name]):.4f}; within 1 point of the overall "
-            f"best at {len(good)} of {len(lrs)} rates ({', '.join(good) or 'none'})"
+            f"{name}: test acc {', '.join(f'{a:.3f}' for a in accuracy[name])} at lr "
+            f"{', '.join(f'{lr:g}' for lr in lrs)}; above 0.5 at {learned} of {len(lrs)} rates"
         )
 
     rows = [
@@ -502,7 +501,7 @@ def alig_robustness(quick: bool) -> Report:
             "result": "test accuracy over the learning-rate grid",
             "seed": "AliG with a single constant max_lr matches SGD that needs a hand-tuned "
             "schedule (REFERENCE.md, the paper)",
-            "ours": within(name),
+            "ours": describe(name),
         }
         for name in SWEEP_FACTORIES
     ]
