@@ -187,8 +187,8 @@ def backpack_diag_ggn(quick: bool) -> Report:
 
 # --- autosize-xor: ProxGradPytorch's XOR example, seed 004 -------------------------------------
 
-XOR_INPUTS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)
-XOR_TARGETS = np.array([0, 1, 1, 0], np.float32)
+_XOR_INPUTS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)
+_XOR_TARGETS = np.array([0, 1, 1, 0], np.float32)
 
 
 def _xor_apply(params: dict, x: jax.Array) -> jax.Array:
@@ -223,7 +223,7 @@ def xor_autosize_runs(
         optax.sgd(0.01),
         group_sparsity(reg, 0.1, norm="linf1", mask={"Dense_0": True, "Dense_1": False}),
     )
-    inputs, targets = jnp.asarray(XOR_INPUTS), jnp.asarray(XOR_TARGETS)
+    inputs, targets = jnp.asarray(_XOR_INPUTS), jnp.asarray(_XOR_TARGETS)
 
     def run(key):
         k0, k1 = jax.random.split(key)
@@ -260,7 +260,7 @@ def autosize_xor(quick: bool) -> Report:
     50 epochs)."""
     seeds, epochs = (4, 50) if quick else (20, 5000)
     live, predictions = xor_autosize_runs(seeds, epochs)
-    solved = np.all(np.abs(predictions - XOR_TARGETS) < 0.5, axis=1)
+    solved = np.all(np.abs(predictions - _XOR_TARGETS) < 0.5, axis=1)
     rows = [
         {
             "result": "hidden neurons left of 100",
@@ -340,11 +340,11 @@ def _training_plots(results: dict[str, dict[str, Any]], output: Path, title: str
 def fwdgrad_mnist(quick: bool) -> Report:
     """Seed 003: MLP 784-1024-1024-10 on MNIST, batch 1024, SGD lr 5e-4 decayed by
     ``exp(-1e-4 t)``, forward gradient (one normal direction, as the seed) against backprop,
-    3 epochs (``quick``: MLP 784-128-10, 4 steps of 64 on the synthetic set)."""
+    8 epochs (``quick``: MLP 784-128-10, 4 steps of 64 on the synthetic set)."""
     model_name, dataset_name = ("mlp-small", "synthetic") if quick else ("mlp", "mnist")
     dataset = data_lib.load(dataset_name)
     batch_size = 64 if quick else 1024
-    steps = 4 if quick else 3 * (len(dataset.train_labels) // batch_size)
+    steps = 4 if quick else 8 * (len(dataset.train_labels) // batch_size)
     schedule = recipes.sgd_decay(5e-4)
     methods = [
         _method("backprop", "backprop, SGD", lambda: recipes.Setup(optax.sgd(schedule))),
@@ -551,7 +551,7 @@ TARGETS: tuple[Target, ...] = (
         "fwdgrad-mnist",
         "forward gradient against backprop, MLP 784-1024-1024-10 on MNIST, batch 1024",
         "seed 003 (fwdgrad README), its test-accuracy table",
-        10.0,
+        9.0,
         10,
         fwdgrad_mnist,
     ),
