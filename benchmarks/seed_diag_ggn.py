@@ -31,45 +31,15 @@ READING = "## Reading"
 
 
 def run_jax(seeds: int, plain: bool = False) -> list[list[float]]:
-    """JAX runs; ``plain``: the same loop with G = 0, i.e. SGD with step 0.01 (the largest
-    step the preconditioned update can take, since G >= 0 and the damping is 1)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
+    """JAX runs (``jaxopt_suite.harness.reproduce.diag_ggn_seed_runs``); ``plain``: the same
+    loop with G = 0, i.e. SGD with step 0.01 (the largest step the preconditioned update can
+    take, since G >= 0 and the damping is 1)."""
+    from jaxopt_suite import data
+    from jaxopt_suite.harness import reproduce
 
-    from jaxopt_suite import data, precondition, train, zoo
-
-    mnist = data.load_mnist()
-    cnn = zoo.make_model("backpack-cnn")
-    problem = train.Problem(lambda p, x: cnn.apply({"params": p}, x))
-    if plain:
-        tx, gradient = optax.sgd(0.01), train.backprop
-    else:
-        tx = precondition.diag_ggn_sgd(0.01, damping=1.0)
-        gradient = train.curvature_gradient("diag_ggn_mc")
-    step = train.jit_step(train.make_step(problem, tx, gradient))
-    accuracy = jax.jit(
-        lambda p, images, labels: jnp.mean(
-            problem.apply_fn(p, data.normalize(images)).argmax(-1) == labels
-        )
+    return reproduce.diag_ggn_seed_runs(
+        data.load_mnist(), seeds, iterations=ITERATIONS, plain=plain
     )
-    runs = []
-    for seed in range(seeds):
-        params = zoo.init_params(cnn, jax.random.key(10 * seed))
-        state = train.init_state(params, tx, jax.random.key(10 * seed + 1))
-        batches = data.batches(
-            jax.random.key(10 * seed + 2), mnist.train_images, mnist.train_labels, batch_size=64
-        )
-        accs = []
-        for _ in range(ITERATIONS + 1):
-            images, labels = next(batches)
-            accs.append(accuracy(state.params, images, labels))  # read back once, below
-            state, _ = step(state, images, labels)
-        accs = [float(a) for a in jax.device_get(accs)]
-        runs.append(accs)
-        name = "jax sgd" if plain else "jax"
-        print(f"{name} seed {seed}: last-10 mean {np.mean(accs[-10:]):.3f}", flush=True)
-    return runs
 
 
 def run_backpack(seeds: int, plain: bool = False) -> list[list[float]]:

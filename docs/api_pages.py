@@ -34,6 +34,7 @@ MODULES = (
     "jaxopt_suite.harness.recipes",
     "jaxopt_suite.harness.benchmarking",
     "jaxopt_suite.harness.cli",
+    "jaxopt_suite.harness.reproduce",
 )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +36,22 @@ DEFAULT_METHODS = (
     "sgd-momentum",
     "adam",
     "alig",
-    "sgd+linf1",
+    "sgd+l21-prune",
     "diag-ggn-mc",
     "fwdgrad",
-    "proxprop",
+    "proxprop-warmup",
 )
 
 
 def _progress_bar(total: int, label: str):
-    """A tqdm bar when tqdm is installed (the ``examples`` extra), else a few printed lines."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        tqdm = None
+    """A tqdm bar on a terminal when tqdm is installed (the ``examples`` extra); otherwise (a
+    log file, a pipe) a plain line at every quarter of the run, so logs stay readable."""
+    tqdm = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
     if tqdm is not None:
         bar = tqdm(total=total, desc=f"{label:>14}", leave=True, dynamic_ncols=True)
 
@@ -75,8 +78,10 @@ def run_method(
     config: recipes.RunConfig,
     *,
     quiet: bool = False,
+    num_evals: int = 5,
 ) -> dict[str, Any]:
-    """Trains ``model_name`` with one method and returns its row of results plus its history."""
+    """Trains ``model_name`` with one method and returns its row of results plus its history
+    (the test set evaluated ``num_evals`` times, evenly spaced, the last after the last step)."""
     setup = method.build(config)
     model = zoo.make_model(model_name, **setup.layers)
     init_key, data_key, step_key = jax.random.split(jax.random.key(config.seed), 3)
@@ -99,6 +104,7 @@ def run_method(
         batch_size=config.batch_size,
         key=data_key,
         evaluate=evaluate,
+        num_evals=num_evals,
         progress=progress,
     )
     tail = max(1, config.steps // 10)
@@ -126,12 +132,24 @@ COLUMNS = [
 ]
 
 
-def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    """Formats result rows as a fixed-width (or markdown) table, with any extra columns last."""
-    extra = sorted(
-        {k for r in rows for k in r} - {c for c, _, _ in COLUMNS} - {"description", "skipped_steps"}
-    )
-    cols = [*COLUMNS, *[(k, k, "{}") for k in extra]]
+def format_table(
+    rows: list[dict[str, Any]],
+    markdown: bool = False,
+    columns: Sequence[tuple[str, str, str]] | None = None,
+) -> str:
+    """Formats result rows as a fixed-width (or markdown) table.
+
+    ``columns`` lists ``(key, title, format)``; by default :data:`COLUMNS` followed by any
+    other keys of the rows (``reproduce`` passes its claim columns).
+    """
+    if columns is None:
+        extra = sorted(
+            {k for r in rows for k in r}
+            - {c for c, _, _ in COLUMNS}
+            - {"description", "skipped_steps"}
+        )
+        columns = [*COLUMNS, *[(k, k, "{}") for k in extra]]
+    cols = list(columns)
 
     def cell(row, key, fmt):
         value = row.get(key)
@@ -144,16 +162,22 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
         lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
         return "\n".join(lines)
     widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
+    # numbers right-aligned, text (the first column, and "{}" columns of strings) left-aligned
+    text = [
+        i == 0 or all(not isinstance(r.get(k), int | float) for r in rows)
+        for i, (k, _, f) in enumerate(cols)
+    ]
     fmt_row = lambda r: "  ".join(
-        c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        c.ljust(w) if t else c.rjust(w) for c, w, t in zip(r, widths, text, strict=True)
     )
     return "\n".join(
         [fmt_row(table[0]), "  ".join("-" * w for w in widths), *map(fmt_row, table[1:])]
     )
 
 
-def plot(results: list[dict[str, Any]], output: Path) -> list[Path]:
-    """Writes loss-vs-steps, loss-vs-time and test-accuracy PNGs; needs matplotlib."""
+def plot(results: list[dict[str, Any]], output: Path, title: str = "") -> list[Path]:
+    """Writes loss-vs-steps, loss-vs-time and test-accuracy PNGs, each titled ``title``;
+    needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,7 +208,7 @@ def plot(results: list[dict[str, Any]], output: Path) -> list[Path]:
                 else np.asarray(r["history"][xkey])[len(r["history"][xkey]) - len(y) :]
             )
             ax.plot(x, y, label=r["row"]["method"], **styles[r["row"]["method"]])
-        ax.set(xlabel=xlabel, ylabel="training loss (moving average)", yscale="log")
+        ax.set(xlabel=xlabel, ylabel="training loss (moving average)", yscale="log", title=title)
         ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(output / name, dpi=120)
@@ -200,13 +224,25 @@ def plot(results: list[dict[str, Any]], output: Path) -> list[Path]:
             label=method,
             **styles[method],
         )
-    ax.set(xlabel="step", ylabel="test accuracy")
+    ax.set(xlabel="step", ylabel="test accuracy", title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(output / "test_accuracy.png", dpi=120)
     plt.close(fig)
     paths.append(output / "test_accuracy.png")
     return paths
+
+
+def write_plots(make: Callable[[], list[Path]], md: list[str]) -> bool:
+    """Calls ``make`` and links its PNGs in the markdown lines ``md``; without matplotlib it
+    says so and returns False (then no plots were written)."""
+    try:
+        paths = make()
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[examples]'): no plots written")
+        return False
+    md.extend(f"![{p.stem}]({p.name})" for p in paths)
+    return True
 
 
 def compare(
@@ -219,24 +255,38 @@ def compare(
     output: str | Path = DEFAULTS["output"],
     plots: bool = True,
     quiet: bool = False,
+    data_dir: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs the comparison and writes its outputs; returns the result rows."""
+    """Runs the comparison and writes its outputs; returns the result rows.
+
+    ``data_dir``: a directory of the four IDX files of an MNIST-like dataset
+    (:func:`jaxopt_suite.harness.data.load_idx`), used instead of ``dataset``, which then only
+    names it in the outputs. ``method_names``: ``None`` for the default set, ``["all"]`` for
+    every registered method; an empty list or an empty name is an error.
+    """
+    if method_names is not None and (not method_names or "" in method_names):
+        raise ValueError(
+            f"--methods must name at least one method (comma-separated, no empty names) or "
+            f"'all'; got {','.join(method_names)!r}"
+        )
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is an existing file; give a directory")
     if model not in zoo.MODELS:
         raise ValueError(f"unknown model {model!r}; valid names: {', '.join(zoo.MODELS)}")
-    if dataset not in data_lib.DATASETS:
+    if data_dir is None and dataset not in data_lib.DATASETS:
         raise ValueError(
             f"unknown dataset {dataset!r}; valid names: {', '.join(data_lib.DATASETS)}"
         )
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
-    if not method_names:
+    if method_names is None:
         method_names = DEFAULT_METHODS
     elif list(method_names) == ["all"]:
         method_names = list(recipes.registry())
     chosen = recipes.get(list(method_names))
-    data = data_lib.load(dataset)
+    data = data_lib.load(dataset) if data_dir is None else data_lib.load_idx(data_dir)
     config = recipes.RunConfig(steps=steps, batch_size=batch_size, seed=seed)
-    output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = [run_method(m, data, model, config, quiet=quiet) for m in chosen]
@@ -274,21 +324,21 @@ def compare(
         "",
         format_table(rows, markdown=True),
         "",
+        "Settings of each row:",
+        "",
+        *[f"- `{r['method']}`: {r['description']}" for r in rows],
+        "",
         "Step times are medians over all steps after compilation; `vs sgd` divides by the "
         "`sgd` run's median. Memory is XLA's compiled footprint of one step "
         "(arguments + outputs + temporaries - donated).",
         "",
     ]
-    if plots:
-        try:
-            for p in plot(results, output):
-                md.append(f"![{p.stem}]({p.name})")
-        except ImportError:
-            print("matplotlib is not installed (pip install -e '.[examples]'): no plots written")
+    title = f"{dataset} / {model}, {steps} steps of batch {batch_size}"
+    written = plots and write_plots(lambda: plot(results, output, title), md)
     (output / "compare.md").write_text("\n".join(md) + "\n")
     print(
-        f"\nwrote {output / 'results.json'}, {output / 'compare.md'} and plots "
-        f"({time.perf_counter() - started:.0f} s)"
+        f"\nwrote {output / 'results.json'}, {output / 'compare.md'}"
+        f"{' and plots' if written else ''} ({time.perf_counter() - started:.0f} s)"
     )
     return rows
 
@@ -320,8 +370,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     p.add_argument("--output", default=DEFAULTS["output"], help="directory for results and plots")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="read the four IDX files of any MNIST-like dataset from DIR instead of --dataset",
+    )
     sub.add_parser("list", help="list methods, models and datasets")
+    r = sub.add_parser(
+        "reproduce", help="one seed's headline result, its claim beside ours (see --list)"
+    )
+    r.add_argument("name", nargs="?", help="the target; --list shows them")
+    r.add_argument("--list", action="store_true", help="list the targets and their run times")
+    r.add_argument("--quick", action="store_true", help="a tiny run (smoke test, not a result)")
+    r.add_argument("--output", default=None, help="directory (default runs/reproduce/NAME)")
     return parser
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from jaxopt_suite.harness import reproduce
+
+    if args.list or args.name is None:
+        print("targets (expected run time on 2 CPU cores):")
+        print(reproduce.listing())
+        return 0
+    reproduce.reproduce(args.name, quick=args.quick, output=args.output)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -335,20 +408,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:<16} {desc}")
         print(f"datasets: {', '.join(data_lib.DATASETS)}")
         return 0
-    steps = args.steps
     try:
+        if args.command == "reproduce":
+            return _reproduce(args)
+        steps = args.steps
         if args.epochs is not None:
-            n_train = len(data_lib.load(args.dataset).train_labels)
+            loaded = (
+                data_lib.load(args.dataset)
+                if args.data_dir is None
+                else data_lib.load_idx(args.data_dir)
+            )
+            n_train = len(loaded.train_labels)
             steps = max(1, int(args.epochs * n_train) // args.batch_size)
         compare(
             dataset=args.dataset,
             model=args.model,
-            method_names=args.methods.split(",") if args.methods else None,
+            method_names=None if args.methods is None else args.methods.split(","),
             steps=steps,
             batch_size=args.batch_size,
             seed=args.seed,
             output=args.output,
             plots=not args.no_plots,
+            data_dir=args.data_dir,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"jaxopt-suite: error: {err}", file=sys.stderr)
