@@ -8,6 +8,8 @@
 * Forward gradient: :func:`forward_grad`, :func:`value_and_forward_grad`,
   :func:`forward_gradient`.
 * ProxProp: :mod:`jaxopt_suite.proxprop` (``custom_vjp`` ops, linen and nnx layers).
+* Per-sample clipping and DP-SGD from the curvature engine's pass, with the privacy account:
+  :mod:`jaxopt_suite.privacy`.
 * Extra arguments of ``update`` through flax and optax wrappers: :class:`TrainState` (linen),
   :func:`bind_extra_args` (e.g. inside ``optax.lookahead``).
 * The harness around them: :mod:`jaxopt_suite.harness` (training loop, models, datasets,
@@ -62,6 +64,8 @@ _EXPORTS: dict[str, str] = {
     "forward_gradient": "jaxopt_suite.fwdgrad",
     # ProxProp
     "proxprop": "jaxopt_suite.proxprop",
+    # per-sample clipping and DP-SGD
+    "privacy": "jaxopt_suite.privacy",
     # extra arguments of update through flax's TrainState and optax wrappers
     "train_state": "jaxopt_suite.train_state",
     "TrainState": "jaxopt_suite.train_state",

@@ -30,7 +30,7 @@ from jaxopt_suite.curvature import kron, layers
 from jaxopt_suite.curvature.config import DEFAULT, EngineConfig
 from jaxopt_suite.curvature.layers import ConvConfig, LayerCall
 from jaxopt_suite.curvature.rules import linear
-from jaxopt_suite.curvature.rules.base import STATISTICS, Factors, LayerRule, widened
+from jaxopt_suite.curvature.rules.base import STATISTICS, Factors, LayerRule, wide, widened
 
 
 def conv_patches(x: jax.Array, config: ConvConfig, out_spatial: tuple[int, ...]) -> jax.Array:
@@ -343,6 +343,17 @@ class ConvRule(LayerRule):
         ):
             return gradient
         return conv_kernel_gradient(prepared, delta, call.conv)
+
+    def weighted_sum(self, call: LayerCall, role, prepared, delta, weights, config: EngineConfig):
+        r""":math:`\sum_n X_n^\top (w_n \delta_n)` from the patches (one product, as
+        :func:`conv_kernel_gradient`); feature groups: the base class's reduction."""
+        prepared, delta = wide(prepared), wide(delta)
+        if role == "bias":
+            return linear.bias_weighted_sum(delta, weights)
+        if call.conv.feature_group_count != 1:
+            return super().weighted_sum(call, role, prepared, delta, weights, config)
+        scaled = linear.per_sample_scaled(delta[:1], weights)[0]
+        return conv_kernel_gradient(prepared, scaled, call.conv)
 
 
 CONV = ConvRule()
