@@ -17,6 +17,7 @@ from flax import nnx
 from jaxopt_suite import privacy
 from tests import reference
 from tests.curvature.helpers import init, labels, linen_apply, rand
+from tests.multidevice import run_on_devices
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -293,3 +294,40 @@ def test_poisson_batch_and_padded_size():
     for n, q, overflow in ((60000, 256 / 60000, 1e-9), (500, 0.3, 1e-3)):
         b = privacy.padded_batch_size(n, q, overflow)
         assert scipy.stats.binom.sf(b, n, q) <= overflow < scipy.stats.binom.sf(b - 1, n, q)
+
+
+def test_dp_step_on_a_sharded_batch_equals_one_device():
+    """The clipped sum and one DP-SGD step with the batch (and mask) split over 8 devices
+    equal the single-device step (same key, so the same noise)."""
+    run_on_devices(
+        """
+        import flax.linen as nn, jax.numpy as jnp, numpy as np, optax
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jaxopt_suite import privacy, sharding
+
+        model = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(3)])
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 4)), jnp.float32)
+        y = jnp.asarray(np.random.default_rng(1).integers(0, 3, 16), jnp.int32)
+        mask = jnp.arange(16) < 13
+        params = model.init(jax.random.key(0), x)["params"]
+        grad_fn = privacy.clipped_value_and_grad(
+            lambda p, x: model.apply({"params": p}, x), loss="cross_entropy", max_norm=0.5,
+            reduction="sum")
+        tx = privacy.dp_sgd(0.1, noise_multiplier=1.0, max_norm=0.5, expected_batch_size=12,
+                            key=jax.random.key(2))
+
+        def step(params, state, x, y, mask):
+            _, summed, norms = grad_fn(params, x, y, weights=mask)
+            updates, state = tx.update(summed, state, params)
+            return optax.apply_updates(params, updates), norms
+
+        state = tx.init(params)
+        want = jax.jit(step)(params, state, x, y, mask)
+        rows = NamedSharding(sharding.make_mesh(), P("data"))
+        put = lambda a: jax.device_put(a, rows)
+        got = jax.jit(step)(params, state, put(x), put(y), put(mask))
+        assert got[1].sharding.spec == P("data"), got[1].sharding
+        for u, v in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=2e-5, atol=2e-6)
+        """
+    )
