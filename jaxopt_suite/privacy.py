@@ -532,8 +532,9 @@ def noise_multiplier_for(
 ) -> float:
     r"""The smallest noise multiplier :math:`\sigma` whose ``steps`` DP-SGD steps at rate
     :math:`q` spend at most ``epsilon`` at ``delta`` (:func:`epsilon` is decreasing in
-    :math:`\sigma`; searched by ``dp_accounting.calibrate_dp_mechanism`` to a relative
-    tolerance well below 1 %, always on the private side).
+    :math:`\sigma`; found by ``dp_accounting.calibrate_dp_mechanism``, searching from
+    :math:`\sigma = 10^{-3}` up, within :math:`10^{-4}` of the optimum, and it meets the
+    budget).
 
     Args:
       epsilon: the target :math:`\varepsilon > 0`.
