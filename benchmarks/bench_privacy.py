@@ -15,8 +15,11 @@ compiled memory:
 
 The engine's clipped sum is checked equal to clipping the ``vmap`` per-sample gradients first.
 
+Models: ``--models mlp backpack-cnn`` (zoo, MNIST-shaped inputs) and ``transformer``
+(``benchmarks.bench_norm_embed.Block``, cross-entropy per token).
+
 Run: ``flock /tmp/jaxopt_bench.lock .venv/bin/python -m benchmarks.bench_privacy``
-Writes ``benchmarks/results/privacy.json`` and ``benchmarks/results/privacy.md``.
+Writes ``benchmarks/results/<out>.json`` and ``<out>.md`` (``--out``, default ``privacy``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 import optax
 import optax.contrib
 
+from benchmarks.bench_norm_embed import Block
 from jaxopt_suite import benchmarking, privacy, zoo
 
 RESULTS = Path(__file__).parent / "results"
@@ -42,17 +46,30 @@ SIGMA = 1.0
 def per_example_loss(apply_fn):
     def loss(p, x, y):
         logits = apply_fn(p, x[None])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y[None])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y[None]).sum()
 
     return loss
 
 
+def problem(name: str, n: int, key: jax.Array):
+    """``(params, inputs, targets, apply_fn)``: a zoo model on (n, 28, 28, 1) images, or
+    ``"transformer"``: bench_norm_embed's block (vocab 1000, width 128, MLP 256) on n
+    sequences of 64 tokens, a cross-entropy term per position."""
+    if name == "transformer":
+        model = Block(1000, 128, 256)
+        x = jax.random.randint(jax.random.key(1), (n, 64), 0, 1000)
+        y = jax.random.randint(jax.random.key(2), (n, 64), 0, 1000)
+        params = model.init(key, x[:1])["params"]
+    else:
+        model = zoo.make_model(name)
+        params = zoo.init_params(model, key)
+        x = jax.random.normal(jax.random.key(1), (n, 28, 28, 1))
+        y = jax.random.randint(jax.random.key(2), (n,), 0, 10)
+    return params, x, y, lambda p, x: model.apply({"params": p}, x)
+
+
 def functions(name: str, n: int, key: jax.Array):
-    model = zoo.make_model(name)
-    params = zoo.init_params(model, key)
-    x = jax.random.normal(jax.random.key(1), (n, 28, 28, 1))
-    y = jax.random.randint(jax.random.key(2), (n,), 0, 10)
-    apply_fn = lambda p, x: model.apply({"params": p}, x)
+    params, x, y, apply_fn = problem(name, n, key)
 
     def mean_loss(p, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y).mean()
@@ -100,6 +117,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mlp", "backpack-cnn"])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", default="privacy", help="results file stem")
     args = parser.parse_args()
     load = os.getloadavg()
     rows = []
@@ -133,7 +151,7 @@ def main() -> None:
         "optax": optax.__version__,
         "devices": str(jax.devices()),
     }
-    (RESULTS / "privacy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         "# Per-sample clipping: engine vs plain gradient vs vmap(grad) + optax.contrib.dpsgd",
         "",
@@ -152,7 +170,7 @@ def main() -> None:
             f"| {r['model']} | {r['N']} | {r['function']} | {r['ms']:.1f} | {r['ratio']:.2f} | "
             f"{r['memory_MiB']:.0f} | {r['memory_ratio']:.2f} | {r['max_rel_error_vs_vmap']:.1e} |"
         )
-    (RESULTS / "privacy.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
