@@ -26,6 +26,7 @@ MODULES = (
     "jaxopt_suite.kronecker",
     "jaxopt_suite.fwdgrad",
     "jaxopt_suite.proxprop",
+    "jaxopt_suite.privacy",
     "jaxopt_suite.sharding",
     "jaxopt_suite.train_state",
     "jaxopt_suite.harness.train",

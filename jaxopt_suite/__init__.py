@@ -8,6 +8,8 @@
 * Forward gradient: :func:`forward_grad`, :func:`value_and_forward_grad`,
   :func:`forward_gradient`.
 * ProxProp: :mod:`jaxopt_suite.proxprop` (``custom_vjp`` ops, linen and nnx layers).
+* Per-sample clipping and DP-SGD from the curvature engine's pass, with the privacy account:
+  :mod:`jaxopt_suite.privacy`.
 * Extra arguments of ``update`` through flax and optax wrappers: :class:`TrainState` (linen),
   :func:`bind_extra_args` (e.g. inside ``optax.lookahead``).
 * The harness around them: :mod:`jaxopt_suite.harness` (training loop, models, datasets,
@@ -26,8 +28,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (a module maps to itself).
-_EXPORTS: dict[str, str] = {
+# public modules: name -> the module itself
+_MODULES: dict[str, str] = {
     # the harness (training loop, models, data, recipes, CLI); the library never imports it
     "harness": "jaxopt_suite.harness",
     "data": "jaxopt_suite.harness.data",
@@ -36,46 +38,54 @@ _EXPORTS: dict[str, str] = {
     "methods": "jaxopt_suite.harness.recipes",
     "benchmarking": "jaxopt_suite.harness.benchmarking",
     "cli": "jaxopt_suite.harness.cli",
-    # data-parallel layouts
+    # the library's modules
     "sharding": "jaxopt_suite.sharding",
+    "prox": "jaxopt_suite.prox",
+    "autosize": "jaxopt_suite.autosize",
+    "curvature": "jaxopt_suite.curvature",
+    "precondition": "jaxopt_suite.precondition",
+    "kronecker": "jaxopt_suite.kronecker",
+    "fwdgrad": "jaxopt_suite.fwdgrad",
+    "proxprop": "jaxopt_suite.proxprop",
+    "privacy": "jaxopt_suite.privacy",
+    "train_state": "jaxopt_suite.train_state",
+}
+
+# public functions and classes: name -> the module that defines it
+_NAMES: dict[str, str] = {
     # AliG
     "alig": "jaxopt_suite._src.alig",
     "scale_by_alig": "jaxopt_suite._src.alig",
     "ScaleByAligState": "jaxopt_suite._src.alig",
     "project_l2_ball": "jaxopt_suite._src.alig",
-    # proximal operators, transformations, auto-sizing
-    "prox": "jaxopt_suite.prox",
+    # proximal steps
     "proximal": "jaxopt_suite._src.proximal",
     "group_sparsity": "jaxopt_suite._src.proximal",
-    "autosize": "jaxopt_suite.autosize",
-    # curvature (BackPACK)
-    "curvature": "jaxopt_suite.curvature",
-    "precondition": "jaxopt_suite.precondition",
+    # curvature-fed preconditioners
     "scale_by_diagonal_curvature": "jaxopt_suite.precondition",
     "diag_ggn_sgd": "jaxopt_suite.precondition",
-    "kronecker": "jaxopt_suite.kronecker",
     "scale_by_kronecker": "jaxopt_suite.kronecker",
     "kfac_sgd": "jaxopt_suite.kronecker",
     # forward gradient
     "forward_grad": "jaxopt_suite.fwdgrad",
     "value_and_forward_grad": "jaxopt_suite.fwdgrad",
     "forward_gradient": "jaxopt_suite.fwdgrad",
-    # ProxProp
-    "proxprop": "jaxopt_suite.proxprop",
     # extra arguments of update through flax's TrainState and optax wrappers
-    "train_state": "jaxopt_suite.train_state",
     "TrainState": "jaxopt_suite.train_state",
     "bind_extra_args": "jaxopt_suite.train_state",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted({*_MODULES, *_NAMES})
 
 
 def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
+    # A module is looked up as such, never as an attribute of itself: ``train_state`` is also
+    # the name of the flax module that jaxopt_suite.train_state imports.
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    elif name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    else:
         raise AttributeError(f"module 'jaxopt_suite' has no attribute {name!r}")
-    module = importlib.import_module(module_name)
-    value = getattr(module, name, module)  # a submodule exports itself
     globals()[name] = value
     return value

@@ -264,6 +264,23 @@ def _needs(wanted: dict[str, quantities_lib.Quantity]) -> dict[str, list[str]]:
 
 def _run(spec: _Spec, params: PyTree, inputs: Any, targets: jax.Array, key: jax.Array | None):
     """The function :func:`value_and_grad` returns."""
+    value, aux, grad_leaves, deltas, state = _pass(spec, params, inputs, targets, key)
+    batch = jax.tree.leaves(inputs)[0].shape[0]
+    results = {}
+    for source, stats in spec.needs.items():
+        derived = _FROM_INDIVIDUAL if source == "grad" and "individual" in stats else ()
+        computed = [s for s in stats if s not in derived]
+        results[source] = _source_statistics(spec, state, source, computed, deltas)
+        for s in set(derived) & set(stats):
+            results[source][s] = [_from_individual(s, g) for g in results[source]["individual"]]
+    extras = _extras(spec.wanted, results, grad_leaves, state.leaves, state.treedef, batch)
+    grads = jax.tree.unflatten(state.treedef, grad_leaves)
+    return ((value, aux), grads, extras) if spec.has_aux else (value, grads, extras)
+
+
+def _pass(spec: _Spec, params: PyTree, inputs: Any, targets: jax.Array, key: jax.Array | None):
+    """The one forward and backward pass: ``(value, aux, gradient leaves, output cotangents
+    of the recognised layers, the pass's state)``."""
     if any(q.source == "ggn_mc" for q in spec.wanted.values()) and key is None:
         mc = [n for n, q in spec.wanted.items() if q.source == "ggn_mc"]
         raise ValueError(f"quantities {mc} are Monte-Carlo estimates: pass key=")
@@ -320,16 +337,7 @@ def _run(spec: _Spec, params: PyTree, inputs: Any, targets: jax.Array, key: jax.
         _with_free_leaves(spec.apply_fn, treedef, leaves, free),
         random,
     )
-    results = {}
-    for source, stats in spec.needs.items():
-        derived = _FROM_INDIVIDUAL if source == "grad" and "individual" in stats else ()
-        computed = [s for s in stats if s not in derived]
-        results[source] = _source_statistics(spec, state, source, computed, deltas)
-        for s in set(derived) & set(stats):
-            results[source][s] = [_from_individual(s, g) for g in results[source]["individual"]]
-    extras = _extras(spec.wanted, results, grad_leaves, leaves, treedef, batch)
-    grads = jax.tree.unflatten(treedef, grad_leaves)
-    return ((value, aux), grads, extras) if spec.has_aux else (value, grads, extras)
+    return value, aux, grad_leaves, deltas, state
 
 
 def _from_individual(statistic: str, individual: jax.Array) -> jax.Array:
@@ -648,3 +656,91 @@ def _generic_statistics(apply_free, free_leaves, inputs, cols, stats, chunk_size
                 kron.generic_factors(g, leaf) for g, leaf in zip(grads, free_leaves, strict=True)
             ]
     return found
+
+
+def weighted_gradient(
+    apply_fn: ApplyFn,
+    *,
+    loss: str | losses.PerSampleLoss,
+    weigh: Callable[[PyTree], PyTree],
+    chunk_size: int | None = None,
+    structured: bool = True,
+    config: EngineConfig = DEFAULT,
+) -> Callable[[PyTree, Any, jax.Array], tuple[jax.Array, PyTree, PyTree]]:
+    r"""Builds ``fn(params, inputs, targets) -> (losses, sq_norms, weighted)`` from one pass.
+
+    With :math:`g_n = \nabla_\theta \ell_n` the gradient of sample n's own loss (the
+    unreduced per-sample term of ``loss``), ``losses`` is :math:`\ell_n` (N,), ``sq_norms``
+    holds :math:`\|g_n\|^2` (N,) per leaf (``batch_l2`` with ``reduction="sum"``), and
+    ``weighted`` is :math:`\sum_n w_n g_n` per leaf with ``w = weigh(sq_norms)`` ((N,) per
+    leaf). A recognised layer's leaves take :meth:`~jaxopt_suite.curvature.rules.LayerRule.
+    weighted_sum` of the output cotangents the pass recorded (no second backward pass); the
+    other leaves take the generic path's per-sample gradients (an (N, *leaf) buffer each),
+    summed with the weights. The per-sample gradients of the recognised layers are never formed.
+
+    Args:
+      apply_fn, loss, chunk_size, structured, config: as :func:`value_and_grad`.
+      weigh: ``sq_norms -> weights``, traced once per call.
+
+    Returns:
+      A jittable function.
+    """
+    spec = _Spec(
+        apply_fn,
+        apply_fn,
+        False,
+        losses.get(loss),
+        "sum",
+        quantities_lib.get(("batch_l2",)),
+        {"grad": ["individual_sq_norm"]},
+        1,
+        chunk_size,
+        structured,
+        config,
+    )
+
+    def fn(params: PyTree, inputs: Any, targets: jax.Array):
+        _, _, _, deltas, state = _pass(spec, params, inputs, targets, None)
+        n_leaves = len(state.leaves)
+        sq_norms: list = [None] * n_leaves
+        for i, (call_index, role) in state.owner.items():
+            sq_norms[i] = rules.layer_statistic(
+                "individual_sq_norm",
+                state.calls[call_index],
+                role,
+                state.prepared[call_index],
+                deltas[call_index][None],
+                config,
+            )
+        individual = {}
+        if state.free:
+            found = generic.statistics(
+                state.apply_free,
+                [state.leaves[j] for j in state.free],
+                inputs,
+                state.columns["grad"],
+                ["individual"],
+                chunk_size,
+                state.random,
+            )["individual"]
+            for j, g in zip(state.free, found, strict=True):
+                individual[j] = g
+                sq_norms[j] = _from_individual("individual_sq_norm", g)
+        weights = jax.tree.leaves(weigh(jax.tree.unflatten(state.treedef, sq_norms)))
+        weighted = [None] * n_leaves
+        for i, (call_index, role) in state.owner.items():
+            call = state.calls[call_index]
+            weighted[i] = rules.get_rule(call.kind).weighted_sum(
+                call, role, state.prepared[call_index], deltas[call_index][None], weights[i], config
+            )
+        for j, g in individual.items():
+            weighted[j] = jnp.tensordot(weights[j].astype(wide(g).dtype), wide(g), axes=1)
+        weighted = [_as_leaf_dtype(w, leaf) for w, leaf in zip(weighted, state.leaves, strict=True)]
+        per_sample = spec.loss.per_sample(wide(state.outputs), targets)
+        return (
+            per_sample,
+            jax.tree.unflatten(state.treedef, sq_norms),
+            jax.tree.unflatten(state.treedef, weighted),
+        )
+
+    return fn

@@ -95,6 +95,23 @@ class LayerRule:
         what it prepared anyway."""
         return gradient
 
+    def weighted_sum(
+        self,
+        call: LayerCall,
+        role: str,
+        prepared: jax.Array,
+        delta: jax.Array,
+        weights: jax.Array,
+        config: EngineConfig,
+    ) -> jax.Array:
+        r""":math:`\sum_n w_n \hat g_{0,n}` of the leaf in ``role`` (leaf-shaped, float32 at
+        least), for the gradient's cotangents ``delta`` (1, N, ...) and per-sample weights
+        ``weights`` (N,) (per-sample clipping, :mod:`jaxopt_suite.privacy`). The default
+        reduces the ``individual`` statistic (an (N, *leaf) buffer); a rule whose gradient is
+        linear in ``delta`` forms it as its summed gradient with ``delta`` scaled per sample."""
+        individual = wide(self.statistic("individual", call, role, prepared, delta, config))
+        return jnp.tensordot(weights.astype(individual.dtype), individual, axes=1)
+
     def kfra_supported(self, call: LayerCall) -> bool:
         """Whether KFRA can take ``call`` as a link of its chain (a Dense layer on
         (N, features) inputs, a Conv layer with one feature group)."""
@@ -152,6 +169,7 @@ _METHODS = (
     "columns",
     "kron",
     "summed_gradient",
+    "weighted_sum",
     "kfra_supported",
     "kfra_input_factor",
     "kfra_backpropagate",

@@ -372,5 +372,16 @@ class ConvRule(LayerRule):
         c = call.output.shape[-1]
         return hessian.reshape(-1, c, hessian.shape[0] // c, c).sum(axis=(0, 2))
 
+    def weighted_sum(self, call: LayerCall, role, prepared, delta, weights, config: EngineConfig):
+        r""":math:`\sum_n X_n^\top (w_n \delta_n)` from the patches (one product, as
+        :func:`conv_kernel_gradient`); feature groups: the base class's reduction."""
+        prepared, delta = wide(prepared), wide(delta)
+        if role == "bias":
+            return linear.bias_weighted_sum(delta, weights)
+        if call.conv.feature_group_count != 1:
+            return super().weighted_sum(call, role, prepared, delta, weights, config)
+        scaled = linear.per_sample_scaled(delta[:1], weights)[0]
+        return conv_kernel_gradient(prepared, scaled, call.conv)
+
 
 CONV = ConvRule()

@@ -108,6 +108,14 @@ class DenseRule(LayerRule):
             return linear.bias_factors(delta)
         return kernel_factors(prepared, delta)
 
+    def weighted_sum(self, call: LayerCall, role, prepared, delta, weights, config: EngineConfig):
+        r""":math:`\sum_{n,t} x_{n,t} (w_n \delta_{n,t})^\top`: one product, as the gradient."""
+        prepared, delta = wide(prepared), wide(delta)
+        if role == "bias":
+            return linear.bias_weighted_sum(delta, weights)
+        x, scaled = positions(prepared, linear.per_sample_scaled(delta[:1], weights))
+        return jnp.einsum("nti,nto->io", x, scaled[0])
+
     def kfra_supported(self, call: LayerCall) -> bool:
         return len(call.output.shape) == 2
 

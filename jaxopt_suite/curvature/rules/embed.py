@@ -128,5 +128,12 @@ class EmbedRule(LayerRule):
     def kron(self, call: LayerCall, role, prepared, delta):
         return None
 
+    def weighted_sum(self, call: LayerCall, role, prepared, delta, weights, config: EngineConfig):
+        r""":math:`\sum_{n,t} w_n \delta_{n,t}` added into row :math:`i_{n,t}`: one scatter."""
+        d = delta.shape[-1]
+        scaled = wide(delta[0]) * weights.astype(jnp.float32).reshape(-1, *(1,) * (delta.ndim - 2))
+        rows = scaled.reshape(-1, d)
+        return jax.ops.segment_sum(rows, prepared.reshape(-1), num_segments=call.vocab)
+
 
 EMBED = EmbedRule()

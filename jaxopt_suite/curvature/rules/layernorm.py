@@ -165,5 +165,9 @@ class LayerNormRule(LayerRule):
     def kron(self, call: LayerCall, role, prepared, delta):
         return layernorm("kron", role, prepared, delta)
 
+    def weighted_sum(self, call: LayerCall, role, prepared, delta, weights, config: EngineConfig):
+        grads = layernorm_gradients(role, prepared, delta[:1])[0]  # (N, D)
+        return jnp.einsum("n,nd->d", weights.astype(grads.dtype), grads)
+
 
 LAYERNORM = LayerNormRule()

@@ -73,6 +73,18 @@ def bias_factors(delta: jax.Array) -> tuple[jax.Array]:
     return (kron.outer(bias_gradients(delta)),)
 
 
+def per_sample_scaled(delta: jax.Array, weights: jax.Array) -> jax.Array:
+    """``delta`` (K, N, ...) with sample n's cotangents multiplied by ``weights[n]``."""
+    shape = (1, weights.shape[0]) + (1,) * (delta.ndim - 2)
+    return delta * weights.astype(delta.dtype).reshape(shape)
+
+
+def bias_weighted_sum(delta: jax.Array, weights: jax.Array) -> jax.Array:
+    r""":math:`\sum_{n,t} w_n \delta_{0,n,t}`: the weighted sum of a bias's gradients."""
+    scaled = per_sample_scaled(delta[:1], weights)
+    return jnp.sum(scaled.reshape(-1, delta.shape[-1]), axis=0)
+
+
 def itemsize(*arrays: jax.Array) -> int:
     """Bytes per element of the product of ``arrays`` (their promoted dtype)."""
     return jnp.dtype(jnp.result_type(*arrays)).itemsize
