@@ -54,6 +54,28 @@ def _normalize_argnums(argnums: int | Sequence[int], num_args: int) -> tuple[int
     return tuple(out)
 
 
+def _differentiated(args: tuple, argnums: int | Sequence[int]) -> tuple[tuple, Callable]:
+    """The arguments selected by ``argnums`` (checked to hold floating arrays) and a function
+    that puts replacements for them back among ``args``."""
+    nums = _normalize_argnums(argnums, len(args))
+    diff = tuple(args[i] for i in nums)
+    for i, leaf in zip(nums, diff, strict=True):
+        for x in jax.tree.leaves(leaf):
+            if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+                raise TypeError(
+                    f"argnums: argument {i} must hold floating arrays to be "
+                    f"differentiated, got dtype {jnp.result_type(x)}"
+                )
+
+    def substitute(replacements: tuple) -> list:
+        full = list(args)
+        for i, x in zip(nums, replacements, strict=True):
+            full[i] = x
+        return full
+
+    return diff, substitute
+
+
 def _check_scalar(value: Any) -> None:
     shape, dtype = jnp.shape(value), jnp.result_type(value)
     if shape != () or not jnp.issubdtype(dtype, jnp.floating):
@@ -167,21 +189,10 @@ def _estimator(
     (the directions are finite, so checking K + 1 scalars guards the whole estimate)."""
 
     def estimate(key: jax.Array, *args: Any, **kwargs: Any):
-        nums = _normalize_argnums(argnums, len(args))
-        diff = tuple(args[i] for i in nums)
-        for i, leaf in zip(nums, diff, strict=True):
-            for x in jax.tree.leaves(leaf):
-                if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-                    raise TypeError(
-                        f"argnums: argument {i} must hold floating arrays to be "
-                        f"differentiated, got dtype {jnp.result_type(x)}"
-                    )
+        diff, substitute = _differentiated(args, argnums)
 
         def f(d):
-            full = list(args)
-            for i, x in zip(nums, d, strict=True):
-                full[i] = x
-            out = fun(*full, **kwargs)
+            out = fun(*substitute(d), **kwargs)
             if has_aux:
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise TypeError("with has_aux=True, fun must return a pair (value, aux)")

@@ -28,7 +28,7 @@ from jaxopt_suite.fwdgrad.directions import DISTRIBUTIONS, _check_choice, random
 from jaxopt_suite.fwdgrad.estimator import (
     _check_num_directions,
     _check_scalar,
-    _normalize_argnums,
+    _differentiated,
 )
 
 
@@ -119,21 +119,10 @@ def _spsa(fun, argnums, num_directions, distribution, epsilon, with_value):
         raise TypeError(f"fun must be callable, got {type(fun).__name__}")
 
     def estimate(key: jax.Array, *args: Any, **kwargs: Any):
-        nums = _normalize_argnums(argnums, len(args))
-        diff = tuple(args[i] for i in nums)
-        for i, leaf in zip(nums, diff, strict=True):
-            for x in jax.tree.leaves(leaf):
-                if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-                    raise TypeError(
-                        f"argnums: argument {i} must hold floating arrays to be "
-                        f"differentiated, got dtype {jnp.result_type(x)}"
-                    )
+        diff, substitute = _differentiated(args, argnums)
 
         def f(d):
-            full = list(args)
-            for i, x in zip(nums, d, strict=True):
-                full[i] = x
-            value = fun(*full, **kwargs)
+            value = fun(*substitute(d), **kwargs)
             _check_scalar(value)
             return value
 

@@ -23,17 +23,17 @@ from jax.flatten_util import ravel_pytree
 
 from jaxopt_suite import curvature
 from tests import reference
-from tests.curvature.helpers import TOL, assert_tree_close, init, labels, linen_apply, rand
+from tests.curvature.helpers import (
+    EXACT,
+    TOL,
+    assert_tree_close,
+    init,
+    labels,
+    linen_apply,
+    rand,
+)
 from tests.reference import random_like
 
-EXACT = (
-    "grad_batch",
-    "batch_l2",
-    "sum_grad_squared",
-    "variance",
-    "diag_ggn_exact",
-    "diag_ggn_exact_batch",
-)
 EVERY = (
     *EXACT,
     "sqrt_ggn_exact",
