@@ -38,7 +38,7 @@ DEFAULT_METHODS = (
     "alig",
     "sgd+l21-prune",
     "diag-ggn-mc",
-    "fwdgrad",
+    "fwdgrad-activity",
     "proxprop-warmup",
 )
 

@@ -241,6 +241,13 @@ METHODS: tuple[Method, ...] = (
         "forward gradient (dense normal directions), SGD lr 1e-4 exp(-1e-4 t)",
         functools.partial(_fwdgrad, distribution="normal", structure="dense", learning_rate=1e-4),
     ),
+    # tangents on the layers' pre-activations: variance grows with the activations, not the
+    # weights, so it learns in the demo's budget (lr 1e-2 diverged with K = 1 and 4)
+    Method(
+        "fwdgrad-activity",
+        "activity-perturbed forward gradient (4 Rademacher tangents per sample), SGD lr 5e-3",
+        lambda cfg: Setup(optax.sgd(5e-3), gradient=train.activity_gradient(4, "rademacher")),
+    ),
     # KFAC (one MC column per sample) from the curvature engine
     Method(
         "kfac",
